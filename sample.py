@@ -1,0 +1,91 @@
+"""
+Sample from a trained model or from pretrained GPT-2 weights.
+    python sample.py --init_from=gpt2 --start="one ring to rule them all," --num_samples=3 --max_new_tokens=100
+    python sample.py --init_from=gpt2 --start="..." --active_layers=even   # run only blocks 0,2,4,...
+"""
+import codecs
+import os
+import sys
+import time
+
+import torch
+
+from model import check_sampling_args, gpt2_tokenizer, load_model
+
+# -----------------------------------------------------------------------------
+init_from = 'resume'  # 'resume' (out_dir/ckpt.pt), a .pt file, gpt2 / gpt2-medium / gpt2-large / gpt2-xl, a Hub repo id, or a local folder
+out_dir = 'out'  # where init_from='resume' finds ckpt.pt
+start = "\n"  # the prompt, or "FILE:prompt.txt" to read it from a file; '<|endoftext|>' for an unconditional sample
+num_samples = 10  # number of samples, generated together as one batch
+max_new_tokens = 500  # tokens generated per sample
+temperature = 0.8  # 1.0 = no change, < 1.0 = less random, > 1.0 = more random, 0 = greedy (argmax)
+top_k: int | None = 200  # sample only among the top_k most likely tokens (None: all)
+top_p: float | None = None  # nucleus sampling: only the smallest set of tokens whose probability reaches top_p (None: off)
+active_layers: str | tuple | list | int | None = None  # blocks to run: None, 'even', 'odd', 'first_half', 'last_half', '0,2,4', '0-5'
+seed = 1337  # random seed, so a run can be repeated
+device = 'auto'  # 'cpu', 'cuda', 'cuda:1', 'mps', ...; 'auto' picks cuda > mps > cpu
+dtype = 'auto'  # 'float32', 'bfloat16' or 'float16' weights; 'auto': bfloat16 on a GPU that has it, else float32
+compile = False  # torch.compile the model (PyTorch 2; on CPU it needs a C++ compiler)
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())  # command line or config file
+# -----------------------------------------------------------------------------
+
+# check every setting before loading anything, so a typo costs no download
+try:
+    check_sampling_args(temperature, top_k, top_p, max_new_tokens)
+except ValueError as e:
+    sys.exit(f"sample.py: error: {e}")
+if num_samples < 1:
+    sys.exit(f"sample.py: error: num_samples={num_samples} must be >= 1")
+if device == 'auto':
+    device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+if device.startswith('cuda') and not torch.cuda.is_available():
+    sys.exit(f"sample.py: error: device={device!r} but this PyTorch sees no CUDA GPU; use --device=cpu")
+if dtype == 'auto':
+    dtype = 'bfloat16' if device.startswith('cuda') and torch.cuda.is_bf16_supported() else 'float32'
+dtypes = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+if dtype not in dtypes:
+    sys.exit(f"sample.py: error: dtype={dtype!r} is not one of {', '.join(dtypes)}, auto")
+if start.startswith('FILE:'):
+    if not os.path.isfile(start[5:]):
+        sys.exit(f"sample.py: error: prompt file {start[5:]!r} not found")
+    with open(start[5:], encoding='utf-8') as f:
+        start = f.read()
+
+torch.manual_seed(seed)
+try:
+    model, checkpoint = load_model(init_from, out_dir, active_layers)
+    enc = gpt2_tokenizer()
+except (OSError, ValueError) as e:
+    sys.exit(f"sample.py: error: {e}")
+if model.config.vocab_size < enc.n_vocab:
+    sys.exit(f"sample.py: error: the model's vocabulary has {model.config.vocab_size} tokens and the checkpoint "
+             f"names no tokenizer; sample.py needs GPT-2's {enc.n_vocab}-token vocabulary")
+model.eval()
+model.to(device=device, dtype=dtypes[dtype])
+if compile:
+    model.compile()
+
+start_ids = enc.encode(start, allowed_special={'<|endoftext|>'})
+if not start_ids:
+    sys.exit("sample.py: error: the prompt is empty; give --start=... (or --start='<|endoftext|>' for no prompt)")
+x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, :].repeat(num_samples, 1)
+if model.layer_ids != list(range(len(model.layer_ids))):
+    print(f"running blocks {model.layer_ids}", file=sys.stderr)
+
+t0 = time.time()
+if num_samples == 1:
+    # one sample: print each token as it comes; a character split over two tokens waits for its second half
+    utf8 = codecs.getincrementaldecoder('utf-8')(errors='replace')
+    print(start, end='', flush=True)
+    for next_id in model.generate_stream(x, max_new_tokens, temperature, top_k, top_p):
+        print(utf8.decode(enc.decode_single_token_bytes(next_id.item())), end='', flush=True)
+    print(utf8.decode(b'', final=True))
+    print('---------------')
+else:
+    y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+    for row in y.tolist():
+        print(enc.decode(row))
+        print('---------------')
+dt = time.time() - t0
+print(f"{num_samples} x {max_new_tokens} tokens in {dt:.2f} s ({num_samples * max_new_tokens / dt:.1f} tokens/s)",
+      file=sys.stderr)
