@@ -60,10 +60,12 @@ class Linear(nn.Linear):
     """nn.Linear whose CPU float32 inference calls oneDNN's matmul directly. On CPUs where MKL's GEMM is
     slow (measured on AMD EPYC: batch-1 decode reads weights at 17 GB/s through F.linear, 29 GB/s
     through oneDNN, and prefill runs 2x faster too), this is the biggest single speed-up of generation.
-    oneDNN's op has no backward, so training (grad enabled) takes the usual F.linear."""
+    oneDNN's op has no backward, so training (grad enabled) takes the usual F.linear, and so does
+    torch.compile, which picks its own kernels."""
 
     def forward(self, x):
-        if ONEDNN_LINEAR and x.device.type == 'cpu' and x.dtype == torch.float32 and not torch.is_grad_enabled():
+        if ONEDNN_LINEAR and x.device.type == 'cpu' and x.dtype == torch.float32 and not torch.is_grad_enabled() \
+                and not torch.compiler.is_compiling():
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, 'none', [], '')
         return F.linear(x, self.weight, self.bias)
 
