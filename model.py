@@ -174,16 +174,20 @@ class GPT(nn.Module):
             n_params -= self.transformer.wpe.weight.numel()
         return n_params
 
-    def forward(self, idx, targets=None, start_pos=None):
-        """idx: (B, T) token ids. Returns (logits, loss) as nanoGPT does: with targets, logits for every
-        position and the mean cross-entropy; without, logits for every position; with start_pos (generation
-        with the cache, tokens at positions start_pos...), logits for the last position only."""
-        B, T = idx.size()
+    def embed(self, idx, start_pos=None):
+        """Token plus position embeddings of idx (B, T), whose first token sits at position start_pos."""
+        T = idx.size(1)
         t0 = start_pos or 0
         assert t0 + T <= self.config.block_size, \
             f"cannot forward a sequence of length {t0 + T}, block_size is only {self.config.block_size}"
         pos = torch.arange(t0, t0 + T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+
+    def forward(self, idx, targets=None, start_pos=None):
+        """idx: (B, T) token ids. Returns (logits, loss) as nanoGPT does: with targets, logits for every
+        position and the mean cross-entropy; without, logits for every position; with start_pos (generation
+        with the cache, tokens at positions start_pos...), logits for the last position only."""
+        x = self.embed(idx, start_pos)
         for block in self.transformer.h:
             x = block(x, start_pos)
         x = self.transformer.ln_f(x)
@@ -194,6 +198,15 @@ class GPT(nn.Module):
         if start_pos is not None:
             x = x[:, [-1], :]  # generation needs only the next token: skip the unembedding of the prompt
         return self.lm_head(x), None
+
+    def residual_stream(self, idx):
+        """The residual stream entering the first block and leaving each block: n_layer + 1 tensors
+        (B, T, n_embd). Read through ln_f and lm_head, each gives the prediction formed up to that depth
+        (the logit lens, nostalgebraist 2020)."""
+        xs = [self.embed(idx)]
+        for block in self.transformer.h:
+            xs.append(block(xs[-1]))
+        return xs
 
     def prune_layers(self, active_layers):
         """Keep only the blocks that active_layers selects (see parse_active_layers), in that order. The

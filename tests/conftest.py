@@ -182,3 +182,24 @@ def hub(monkeypatch):
     monkeypatch.setenv('HF_ENDPOINT', server.url)
     yield server
     server.close()
+
+
+def script_functions(script, *names):
+    """The named top-level functions of a flat script, without running the script: their definitions are
+    executed alone, with the script's imports (scripts read their settings from sys.argv when run)."""
+    import ast
+    path = os.path.join(ROOT, script)
+    tree = ast.parse(open(path).read(), path)
+    keep = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom)) or
+            isinstance(n, ast.FunctionDef) and n.name in names]
+    ns = {}
+    exec(compile(ast.Module(body=keep, type_ignores=[]), path, 'exec'), ns)
+    return [ns[n] for n in names]
+
+
+def block_matplotlib(tmp_path):
+    """An environment in which `import matplotlib` fails, as on a machine without it."""
+    fake = tmp_path / 'no_matplotlib'
+    (fake / 'matplotlib').mkdir(parents=True)
+    (fake / 'matplotlib' / '__init__.py').write_text("raise ImportError('No module named matplotlib')\n")
+    return {'PYTHONPATH': str(fake)}
