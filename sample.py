@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from model import check_sampling_args, gpt2_tokenizer, load_model
+from model import check_sampling_args, load_model
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # 'resume' (out_dir/ckpt.pt), a .pt file, gpt2 / gpt2-medium / gpt2-large / gpt2-xl, a Hub repo id, or a local folder
@@ -53,24 +53,21 @@ if start.startswith('FILE:'):
 
 torch.manual_seed(seed)
 try:
-    model, checkpoint = load_model(init_from, out_dir, active_layers)
-    enc = gpt2_tokenizer()
+    model, tokenizer, checkpoint = load_model(init_from, out_dir, active_layers)
+    start_ids = tokenizer.encode(start)
 except (OSError, ValueError) as e:
     sys.exit(f"sample.py: error: {e}")
-if model.config.vocab_size < enc.n_vocab:
-    sys.exit(f"sample.py: error: the model's vocabulary has {model.config.vocab_size} tokens and the checkpoint "
-             f"names no tokenizer; sample.py needs GPT-2's {enc.n_vocab}-token vocabulary")
 model.eval()
 model.to(device=device, dtype=dtypes[dtype])
 if compile:
     model.compile()
 
-start_ids = enc.encode(start, allowed_special={'<|endoftext|>'})
 if not start_ids:
     sys.exit("sample.py: error: the prompt is empty; give --start=... (or --start='<|endoftext|>' for no prompt)")
 x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, :].repeat(num_samples, 1)
-if model.layer_ids != list(range(len(model.layer_ids))):
-    print(f"running blocks {model.layer_ids}", file=sys.stderr)
+layer_ids = getattr(model, 'layer_ids', None)  # only GPTs have blocks to prune
+if layer_ids is not None and layer_ids != list(range(len(layer_ids))):
+    print(f"running blocks {layer_ids}", file=sys.stderr)
 
 t0 = time.time()
 if num_samples == 1:
@@ -78,13 +75,13 @@ if num_samples == 1:
     utf8 = codecs.getincrementaldecoder('utf-8')(errors='replace')
     print(start, end='', flush=True)
     for next_id in model.generate_stream(x, max_new_tokens, temperature, top_k, top_p):
-        print(utf8.decode(enc.decode_single_token_bytes(next_id.item())), end='', flush=True)
+        print(utf8.decode(tokenizer.token_bytes(next_id.item())), end='', flush=True)
     print(utf8.decode(b'', final=True))
     print('---------------')
 else:
     y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
     for row in y.tolist():
-        print(enc.decode(row))
+        print(tokenizer.decode(row))
         print('---------------')
 dt = time.time() - t0
 print(f"{num_samples} x {max_new_tokens} tokens in {dt:.2f} s ({num_samples * max_new_tokens / dt:.1f} tokens/s)",

@@ -15,7 +15,7 @@ def cached(repo, name):
 def test_fresh_download_then_cached_offline_run(hub, hf_tiny, monkeypatch, capsys):
     folder, hf = hf_tiny
     hub.add_folder('someone/tiny-gpt2', folder)
-    model, _ = load_model('someone/tiny-gpt2')
+    model, _, _ = load_model('someone/tiny-gpt2')
     got = [p for p, _ in hub.log]
     assert '/someone/tiny-gpt2/resolve/main/config.json' in got
     assert '/someone/tiny-gpt2/resolve/main/model.safetensors' in got
@@ -28,7 +28,7 @@ def test_fresh_download_then_cached_offline_run(hub, hf_tiny, monkeypatch, capsy
     # second run: the files are cached, the network is gone, nothing is requested
     n = len(hub.log)
     monkeypatch.setenv('HF_ENDPOINT', 'http://127.0.0.1:9')
-    again, _ = load_model('someone/tiny-gpt2')
+    again, _, _ = load_model('someone/tiny-gpt2')
     assert len(hub.log) == n
     with torch.no_grad():
         assert torch.equal(again(idx)[0], ref)

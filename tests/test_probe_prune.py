@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import assert_one_line_error, block_matplotlib, run_script, script_functions
 
-from model import gpt2_tokenizer
+from model import gpt2_encoding
 
 TEXT = ("The cat sat on the mat. A dog ran after the ball in the park, and the children laughed. "
         "Science is the study of the natural world; a city is a large town. She loved the old book. ") * 12
@@ -25,7 +25,7 @@ def test_probe_ids_pieces_norms_cosines(hf_tiny, tmp_path):
     assert proc.returncode == 0, proc.stderr
     res = json.loads(out.read_text())
     assert set(res) >= {'words', 'cosine', 'vocab'}
-    enc = gpt2_tokenizer()
+    enc = gpt2_encoding()
     W = wte_rows(hf)
     norms = np.linalg.norm(W, axis=1)
     assert len(res['words']) == 20  # 10 words x 2 forms
@@ -114,7 +114,7 @@ def test_prune_losses_equal_transformers(hf_tiny, tmp_path):
                       '--start=The cat')
     assert proc.returncode == 0, proc.stderr
     res = json.loads(out.read_text())
-    tokens = gpt2_tokenizer().encode(TEXT)
+    tokens = gpt2_encoding().encode(TEXT)
     even = copy.deepcopy(hf)
     even.transformer.h = torch.nn.ModuleList([even.transformer.h[i] for i in (0, 2)])
     even.config.n_layer = 2

