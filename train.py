@@ -347,12 +347,10 @@ def plot_losses():
     with open(log_path) as f:
         rows = list(csv.DictReader(f))
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key, style in (('train_loss', '-'), ('val_loss', 'o-')):
-        pts = [(int(r['tokens']), float(r[key])) for r in rows if r[key] and (key == 'train_loss' or r['val_loss'])]
-        if key == 'train_loss':  # the per-step losses, not the evaluations' estimates
-            pts = [(int(r['tokens']), float(r[key])) for r in rows if r[key] and not r['val_loss']]
-        if pts:
-            ax.plot(*zip(*pts), style, label=key.replace('_', ' '), ms=3)
+    steps = [r for r in rows if not r['val_loss']]  # per-step training losses (evaluation rows carry val_loss)
+    evals = [r for r in rows if r['val_loss']]
+    ax.plot([int(r['tokens']) for r in steps], [float(r['train_loss']) for r in steps], '-', label='train loss')
+    ax.plot([int(r['tokens']) for r in evals], [float(r['val_loss']) for r in evals], 'o-', ms=3, label='val loss')
     ax.set(xlabel='tokens seen', ylabel='loss (nats per token)', title=f"{model_type} in {out_dir}")
     ax.legend()
     fig.tight_layout()

@@ -87,7 +87,8 @@ def assert_one_line_error(proc, *phrases):
 
 
 class HubServer:
-    """A loopback HTTP server in the Hub's URL layout: GET /{org}/{name}/resolve/main/{file}.
+    """A loopback HTTP server in the Hub's URL layout: GET /{org}/{name}/resolve/main/{file} (and
+    /datasets/{org}/{name}/resolve/main/{file} for dataset repos).
     Large files are served like the Hub serves LFS files: a 302 redirect carrying X-Linked-Size and
     X-Linked-Etag (the sha256), then the bytes from another path, honoring Range requests.
     drop_after[file] = n makes the next response for that file stop after n bytes and close the connection."""
@@ -111,9 +112,10 @@ class HubServer:
                 if self.path.startswith('/cdn/'):
                     return self.send_bytes(self.path[len('/cdn/'):])
                 parts = self.path.lstrip('/').split('/')
-                if len(parts) < 5 or parts[2:4] != ['resolve', 'main']:
+                n = 3 if parts[0] == 'datasets' else 2  # dataset repos live under /datasets/org/name
+                if len(parts) < n + 3 or parts[n:n + 2] != ['resolve', 'main']:
                     return self.send_error(404)
-                key = '/'.join(parts[:2] + parts[4:])
+                key = '/'.join(parts[:n] + parts[n + 2:])
                 if key not in server.files:
                     self.send_response(404)
                     self.send_header('Content-Length', '0')

@@ -60,6 +60,25 @@ def train(out_dir, *args, **kw):
     return run_script('train.py', f'--out_dir={out_dir}', *TINY, *args, **kw)
 
 
+def test_prepare_downloads_tinystories_from_the_hub(hub, tmp_path):
+    """source=tinystories_hub fetches the dataset's train and valid files (resumable, verified, as model
+    downloads are) and keeps the dataset's own split."""
+    train_text, valid_text = story_text(20, seed=1), story_text(4, seed=2)
+    hub.files['datasets/roneneldan/TinyStories/TinyStories-train.txt'] = train_text.encode()
+    hub.files['datasets/roneneldan/TinyStories/TinyStories-valid.txt'] = valid_text.encode()
+    hub.lfs.add('datasets/roneneldan/TinyStories/TinyStories-train.txt')
+    proc = run_script('data/prepare.py', '--source=tinystories_hub', f'--out_dir={tmp_path / "ts"}')
+    assert proc.returncode == 0, proc.stderr
+    assert [p for p, _ in hub.log if 'resolve' in p] == [
+        '/datasets/roneneldan/TinyStories/resolve/main/TinyStories-train.txt',
+        '/datasets/roneneldan/TinyStories/resolve/main/TinyStories-valid.txt']
+    enc = gpt2_encoding()
+    meta = json.load(open(tmp_path / 'ts' / 'meta.json'))
+    assert (meta['train_documents'], meta['val_documents']) == (20, 4)
+    val = np.fromfile(tmp_path / 'ts' / 'val.bin', dtype=np.uint16)
+    assert enc.decode(val.tolist()) == valid_text.replace('\n<|endoftext|>\n', '<|endoftext|>')
+
+
 def test_prepare_documents_lines_and_compact_vocab(datasets):
     enc = gpt2_encoding()
     meta = json.load(open(os.path.join(datasets['compact'], 'meta.json')))
@@ -94,6 +113,7 @@ def test_training_lowers_the_loss_and_samples_from_the_checkpoint(datasets, tmp_
     steps = [r for r in rows if not r['val_loss']]
     assert [int(r['iter']) for r in steps] == list(range(5, 61, 5)) and int(steps[-1]['tokens']) == 60 * 64
     assert 'greedy:' in proc.stdout and 'top-p 0.95:' in proc.stdout and 'top-p 1.0:' in proc.stdout
+    assert (out / 'loss.png').read_bytes()[:4] == b'\x89PNG'
     model, tokenizer, ckpt = load_model('resume', str(out))
     assert ckpt['model_type'] == model_type and ckpt['iter_num'] == 60 and tokenizer.id_map == ckpt['tokenizer']['id_map']
     # sample.py maps the compacted ids back to text
@@ -119,6 +139,15 @@ def test_resume_continues_exactly(datasets, tmp_path):
         return [(r['iter'], r['tokens'], r['train_loss'], r['val_loss'], r['lr']) for r in read_log(d)]
     assert losses(part) == losses(full)
     assert len(losses(full)) == 5 + 13  # evaluations at 0, 10, .., 40; log lines at 3, 6, .., 39
+    # plot.py overlays the two runs and prints their final numbers
+    png = tmp_path / 'compare.png'
+    proc = run_script('plot.py', f'--runs={full},{part}', '--labels=never stopped,resumed', f'--out={png}')
+    assert proc.returncode == 0, proc.stderr
+    assert png.read_bytes()[:4] == b'\x89PNG'
+    final_val = read_log(full)[-1]['val_loss']
+    assert [ln.split()[-3] for ln in proc.stdout.splitlines()[1:]] == [f"{float(final_val):.3f}"] * 2
+    assert_one_line_error(run_script('plot.py', f'--runs={full},{tmp_path}/nothing'), 'nothing/log.csv not found')
+    assert_one_line_error(run_script('plot.py', f'--runs={full}', '--labels=a,b'), '2 labels for 1 runs')
 
 
 def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(datasets, tmp_path):
