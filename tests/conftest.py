@@ -68,6 +68,18 @@ def hf_tiny(tmp_path_factory):
     return str(folder), hf
 
 
+@pytest.fixture(scope='session')
+def hf_plain(tmp_path_factory):
+    """(folder, model) of a small GPT-2 with transformers' own random init: activations of GPT-2's scale,
+    for precision comparisons (the scaled hf_tiny exaggerates rounding errors)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(1)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=3, n_head=2, n_embd=64, n_positions=32)).eval()
+    folder = tmp_path_factory.mktemp('plain-gpt2')
+    hf.save_pretrained(folder)
+    return str(folder), hf
+
+
 def run_script(script, *args, cwd=None, env=None, timeout=300):
     """Run one of our scripts as a user would; returns the CompletedProcess (text mode)."""
     full_env = {**os.environ, **(env or {})}
