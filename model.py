@@ -41,6 +41,11 @@ class GPTConfig:
     norm_eps: float = 1e-5  # GPT-2's layer_norm_epsilon
     activation: str = 'gelu_tanh'  # GPT-2 uses the tanh approximation of GELU; nanoGPT's own models use 'gelu'
     norm: str = 'layernorm'  # 'layernorm' (GPT-2) or 'rmsnorm' (the course's Transformer, Llama)
+    norm_position: str = 'pre'  # 'pre' (GPT-2: normalize each sub-layer's input) or 'post' (the 2017 Transformer)
+    pos_emb: str = 'learned'  # 'learned' (GPT-2), 'rope' (rotary) or 'none' (NoPE: causal masking alone)
+    attention: str = 'softmax'  # 'softmax', 'linear' (elu+1 feature map) or 'gla' (gated linear attention)
+    rope_base: float = 10000.0  # RoPE's base wavelength
+    chunk_size: int = 16  # linear / gla: chunk length of the chunkwise-parallel form (16 trains GLA fastest here)
 
 
 ACTIVATIONS = {'gelu_tanh': lambda x: F.gelu(x, approximate='tanh'), 'gelu': F.gelu}
@@ -112,27 +117,146 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
+def rope_tables(head_dim, n_pos, base):
+    """cos and sin of RoPE's angles (Su et al. 2021, arXiv 2104.09864, eq. 34): position m turns the pair
+    (x_i, x_{i+d/2}) by m * base^(-2i/d). Computed once, in float64 (they are cast where used)."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(n_pos, dtype=torch.float64), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each pair (x_i, x_{i+d/2}) of x (B, H, T, d) by its position's angle (cos, sin: (T, d/2)), so
+    that q_m . k_n depends on m and n only through m - n: attention sees relative positions."""
+    d = x.size(-1) // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+def linear_attention_recurrent(q, k, v, log_decay=None, state=None):
+    """Causal linear attention, one token at a time. With S_t (dk x dv) the state after token t:
+        S_t = diag(a_t) S_{t-1} + k_t v_t^T,    o_t = S_t^T q_t
+    a_t = exp(log_decay_t) is GLA's data-dependent forget gate (Yang et al. 2023, arXiv 2312.06635, eq. 2);
+    without it (a_t = 1) this is Katharopoulos et al. 2020 (arXiv 2006.16236), eq. 5-6. Generation calls it
+    with one token and carries the state, a fixed size (B, H, dk, dv) however long the text: no KV cache.
+    q, k: (B, H, T, dk); v: (B, H, T, dv); log_decay: (B, H, T, dk) or None. Returns (o, state)."""
+    B, H, T, dk = q.shape
+    if state is None:
+        state = q.new_zeros(B, H, dk, v.size(-1))
+    out = []
+    for t in range(T):
+        if log_decay is not None:
+            state = log_decay[:, :, t, :, None].exp() * state
+        state = state + k[:, :, t, :, None] * v[:, :, t, None, :]
+        out.append((q[:, :, t, None, :] @ state).squeeze(-2))
+    return torch.stack(out, dim=2), state
+
+
+def linear_attention_chunked(q, k, v, log_decay=None, chunk_size=64, state=None):
+    """The same outputs as linear_attention_recurrent, chunkwise-parallel (for training and prefill; GLA,
+    section 4.2). Unrolled over a chunk that starts from state S_0, with L_t the sum of log_decay over the
+    chunk up to t:
+        o_t = (q_t * exp(L_t))^T S_0  +  sum_{s <= t} [sum_i q_ti k_si exp(L_ti - L_si)] v_s
+    The first term carries the state from chunk to chunk (a loop over chunks, not tokens); the second is a
+    causal attention inside the chunk whose decays exp(L_t - L_s) <= 1 are formed directly, which is
+    stable for any gate. Memory is O(T * chunk_size * dk), with no T x T matrix."""
+    B, H, T, dk = q.shape
+    dv = v.size(-1)
+    C = chunk_size
+    pad = (-T) % C  # zeros at the end change no earlier output and leave the final state as it is
+    ld = q.new_zeros(B, H, T, dk) if log_decay is None else log_decay
+    q, k, v, ld = (F.pad(t, (0, 0, 0, pad)).view(B, H, -1, C, t.size(-1)) for t in (q, k, v, ld))
+    L = ld.cumsum(dim=3)  # (B, H, n_chunks, C, dk)
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    if log_decay is None:  # no decay: the chunk's attention is plain causal q k^T
+        A = (q @ k.transpose(-1, -2)).masked_fill(~causal, 0.0)
+    else:  # A[t, s] = sum_i q_ti k_si exp(L_ti - L_si), for s <= t
+        decay = (L.unsqueeze(-2) - L.unsqueeze(-3)).masked_fill(~causal[:, :, None], float('-inf')).exp()
+        A = torch.einsum('bhntd,bhnsd,bhntsd->bhnts', q, k, decay)
+    o_intra = A @ v
+    q_in = q * L.exp()  # how much of the entering state each position still sees
+    k_out = k * (L[..., -1:, :] - L).exp()  # how much of each token is left at the chunk's end
+    keep = L[..., -1, :].exp()  # how much of the state survives the whole chunk
+    S = q.new_zeros(B, H, dk, dv) if state is None else state
+    o_inter = []
+    for j in range(q.size(2)):
+        o_inter.append(q_in[:, :, j] @ S)
+        S = keep[:, :, j, :, None] * S + k_out[:, :, j].transpose(-1, -2) @ v[:, :, j]
+    o = o_intra + torch.stack(o_inter, dim=2)
+    return o.reshape(B, H, -1, dv)[:, :, :T], S
+
+
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention (Vaswani et al. 2017) with a key/value cache for generation."""
+    """Multi-head causal self-attention, one module for every kind (config.attention):
+    - 'softmax': Vaswani et al. 2017, with a key/value cache for generation;
+    - 'linear': Katharopoulos et al. 2020, softmax(q k^T) replaced by phi(q) phi(k)^T with phi = elu + 1,
+      normalized by phi(q) . sum_s phi(k_s) (eq. 6), with a fixed-size state for generation;
+    - 'gla': gated linear attention, Yang et al. 2023: a data-dependent forget gate per key dimension from a
+      rank-16 projection (eq. 4, temperature 16), key size half the head size (which keeps the parameter
+      count of softmax attention), per-head RMSNorm and a SiLU output gate (section 4.4)."""
 
     def __init__(self, config):
         super().__init__()
-        # key, query, value projections for all heads, in one matmul
-        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
+        self.kind, self.chunk_size = config.attention, config.chunk_size
+        head_size = config.n_embd // config.n_head
+        self.dk = head_size // 2 if self.kind == 'gla' else head_size  # key (and query) size per head
+        # query, key, value projections for all heads, in one matmul
+        self.c_attn = Linear(config.n_embd, 2 * self.n_head * self.dk + config.n_embd, bias=config.bias)
+        if self.kind == 'gla':
+            self.gate_proj = nn.Sequential(Linear(config.n_embd, 16, bias=False),
+                                           Linear(16, self.n_head * self.dk))  # low-rank forget gate
+            self.out_gate = Linear(config.n_embd, config.n_embd, bias=config.bias)
+            self.head_norm = RMSNorm(head_size, eps=config.norm_eps)
         self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.n_head = config.n_head
-        self.n_embd = config.n_embd
-        self.dropout = config.dropout
-        self.kv_cache = None  # (2, B, n_head, max_len, head_size), allocated by GPT.setup_cache for generation
+        self.kv_cache = None  # softmax: (2, B, n_head, max_len, head_size), allocated by GPT.setup_cache
+        self.state = None  # linear, gla: (B, n_head, dk, dv), left by the prefill for the next token
 
-    def forward(self, x, start_pos=None):
+    def heads(self, x):
+        """(B, T, n_head * d) -> (B, n_head, T, d)"""
+        return x.view(x.size(0), x.size(1), self.n_head, -1).transpose(1, 2)
+
+    def qkv(self, x, rope=None):
+        """Queries, keys, values (B, n_head, T, d) of x, with RoPE applied; phi(q), phi(k) for 'linear'."""
+        q, k, v = self.c_attn(x).split([self.n_head * self.dk, self.n_head * self.dk, self.n_embd], dim=2)
+        q, k, v = self.heads(q), self.heads(k), self.heads(v)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if self.kind == 'linear':
+            q, k = F.elu(q) + 1, F.elu(k) + 1  # a positive feature map, so the normalizer is > 0
+        if self.kind == 'gla':
+            q = q * self.dk ** -0.5
+        return q, k, v
+
+    def forward(self, x, start_pos=None, rope=None):
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        # (B, T, C) -> (B, n_head, T, head_size)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        q, k, v = self.qkv(x, rope)
+        if self.kind == 'softmax':
+            y = self.softmax_attention(q, k, v, start_pos, x)
+        else:
+            log_decay = None
+            if self.kind == 'linear':  # a column of ones beside v makes o's last column the normalizer
+                v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+            else:  # GLA's forget gate a = sigmoid(.)^(1/16), kept in log space
+                log_decay = self.heads(F.logsigmoid(self.gate_proj(x)) / 16)
+            if start_pos is None or start_pos == 0:  # training, or the prefill of generation
+                y, state = linear_attention_chunked(q, k, v, log_decay, self.chunk_size)
+            else:  # generation: one token, continuing from the state the previous call left
+                assert T == 1, "the state takes one prefill, then one token at a time"
+                y, state = linear_attention_recurrent(q, k, v, log_decay, self.state)
+            if start_pos is not None:
+                self.state = state
+            if self.kind == 'linear':
+                y = y[..., :-1] / y[..., -1:]
+            else:
+                y = self.head_norm(y) * self.heads(F.silu(self.out_gate(x)))
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+    def softmax_attention(self, q, k, v, start_pos, x):
+        T = q.size(2)
         if start_pos is not None:
             # generation: write this step's keys and values into the cache in place (no torch.cat per token),
             # then attend over every position so far. Only the prefill (start_pos=0) has T > 1.
@@ -148,8 +272,24 @@ class CausalSelfAttention(nn.Module):
         # a single new token may see every cached position, so it needs no mask
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
                                            is_causal=T > 1)
-        y = y.to(x.dtype).transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
-        return self.resid_dropout(self.c_proj(y))
+        return y.to(x.dtype)
+
+    def weights(self, x, rope=None):
+        """The (B, n_head, T, T) causal matrix by which each position mixes the values: softmax's attention
+        probabilities; for 'linear', phi(q_t) . phi(k_s) over its normalizer; for 'gla', q_t . (decay * k_s),
+        which multiplies v before the head norm and output gate. For looking at, not for computing."""
+        q, k, v = self.qkv(x, rope)
+        T = q.size(2)
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        if self.kind == 'softmax':
+            scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.size(-1))
+            return scores.masked_fill(~causal, float('-inf')).softmax(dim=-1)
+        if self.kind == 'linear':
+            w = (q @ k.transpose(-1, -2)).masked_fill(~causal, 0.0)
+            return w / w.sum(dim=-1, keepdim=True)
+        L = self.heads(F.logsigmoid(self.gate_proj(x)) / 16).cumsum(dim=2)
+        decay = (L.unsqueeze(-2) - L.unsqueeze(-3)).masked_fill(~causal[:, :, None], float('-inf')).exp()
+        return torch.einsum('bhtd,bhsd,bhtsd->bhts', q, k, decay)
 
 
 class MLP(nn.Module):
@@ -166,7 +306,9 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """A transformer block: GPT-2 normalizes before each sub-layer (pre-norm) and adds the result back."""
+    """A transformer block: attention then MLP, each added back to the residual stream. GPT-2 normalizes each
+    sub-layer's input ('pre', Xiong et al. 2020, arXiv 2002.04745); the original Transformer normalizes each
+    sum ('post', Vaswani et al. 2017, arXiv 1706.03762), which needs warmup to train stably."""
 
     def __init__(self, config):
         super().__init__()
@@ -174,11 +316,14 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
+        self.post_norm = config.norm_position == 'post'
 
-    def forward(self, x, start_pos=None):
-        x = x + self.attn(self.ln_1(x), start_pos)
-        x = x + self.mlp(self.ln_2(x))
-        return x
+    def forward(self, x, start_pos=None, rope=None):
+        if self.post_norm:
+            x = self.ln_1(x + self.attn(x, start_pos, rope))
+            return self.ln_2(x + self.mlp(x))
+        x = x + self.attn(self.ln_1(x), start_pos, rope)
+        return x + self.mlp(self.ln_2(x))
 
 
 def logits_and_loss(logits, targets):
@@ -196,11 +341,19 @@ class GPT(nn.Module):
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=make_norm(config),
+            # GPT-2 added a final norm because pre-norm leaves the residual stream unnormalized; post-norm
+            # blocks end with one already
+            ln_f=make_norm(config) if config.norm_position == 'pre' else nn.Identity(),
         ))
+        if config.pos_emb == 'learned':
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+        if config.pos_emb == 'rope':
+            cos, sin = rope_tables(config.n_embd // config.n_head // (2 if config.attention == 'gla' else 1),
+                                   config.block_size, config.rope_base)
+            self.register_buffer('rope_cos', cos, persistent=False)
+            self.register_buffer('rope_sin', sin, persistent=False)
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         # weight tying (Press & Wolf 2017): the unembedding is the token embedding, as in GPT-2
         self.transformer.wte.weight = self.lm_head.weight
@@ -223,7 +376,7 @@ class GPT(nn.Module):
         """Parameter count; the position embeddings are left out by default (the token embeddings are
         the output layer too, so they count)."""
         n_params = sum(p.numel() for p in self.parameters())
-        if non_embedding:
+        if non_embedding and 'wpe' in self.transformer:
             n_params -= self.transformer.wpe.weight.numel()
         return n_params
 
@@ -233,21 +386,26 @@ class GPT(nn.Module):
         return self.config.block_size
 
     def embed(self, idx, start_pos=None):
-        """Token plus position embeddings of idx (B, T), whose first token sits at position start_pos."""
+        """Token embeddings of idx (B, T), plus learned position embeddings ('learned'), for tokens that sit
+        at positions start_pos, start_pos + 1, ... Returns (x, rope): RoPE's (cos, sin) for those positions
+        are applied inside attention ('rope'); NoPE ('none') adds no position information at all."""
         T = idx.size(1)
         t0 = start_pos or 0
         assert t0 + T <= self.config.block_size, \
             f"cannot forward a sequence of length {t0 + T}, block_size is only {self.config.block_size}"
-        pos = torch.arange(t0, t0 + T, dtype=torch.long, device=idx.device)
-        return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x = self.transformer.wte(idx)
+        if self.config.pos_emb == 'learned':
+            x = x + self.transformer.wpe(torch.arange(t0, t0 + T, dtype=torch.long, device=idx.device))
+        rope = (self.rope_cos[t0:t0 + T], self.rope_sin[t0:t0 + T]) if self.config.pos_emb == 'rope' else None
+        return self.transformer.drop(x), rope
 
     def forward(self, idx, targets=None, start_pos=None):
         """idx: (B, T) token ids. Returns (logits, loss) as nanoGPT does: with targets, logits for every
         position and the mean cross-entropy; without, logits for every position; with start_pos (generation
         with the cache, tokens at positions start_pos...), logits for the last position only."""
-        x = self.embed(idx, start_pos)
+        x, rope = self.embed(idx, start_pos)
         for block in self.transformer.h:
-            x = block(x, start_pos)
+            x = block(x, start_pos, rope)
         x = self.transformer.ln_f(x)
         if start_pos is not None:
             x = x[:, [-1], :]  # generation needs only the next token: skip the unembedding of the prompt
@@ -257,9 +415,10 @@ class GPT(nn.Module):
         """The residual stream entering the first block and leaving each block: n_layer + 1 tensors
         (B, T, n_embd). Read through ln_f and lm_head, each gives the prediction formed up to that depth
         (the logit lens, nostalgebraist 2020)."""
-        xs = [self.embed(idx)]
+        x, rope = self.embed(idx)
+        xs = [x]
         for block in self.transformer.h:
-            xs.append(block(xs[-1]))
+            xs.append(block(xs[-1], None, rope))
         return xs
 
     def prune_layers(self, active_layers):
@@ -281,7 +440,8 @@ class GPT(nn.Module):
         dtype = torch.float32 if p.device.type == 'cpu' else p.dtype
         for block in self.transformer.h:
             attn = block.attn
-            attn.kv_cache = None if batch_size is None else torch.empty(
+            attn.state = None  # linear, gla: the prefill sets it
+            attn.kv_cache = None if batch_size is None or attn.kind != 'softmax' else torch.empty(
                 2, batch_size, attn.n_head, max_len, attn.n_embd // attn.n_head, dtype=dtype, device=p.device)
 
     def compile_decode(self):
@@ -397,12 +557,21 @@ class GPT(nn.Module):
 
 def check_config(config):
     """One-line errors for option values a model cannot be built with."""
-    allowed = {'activation': tuple(ACTIVATIONS), 'norm': ('layernorm', 'rmsnorm')}
+    allowed = {'activation': tuple(ACTIVATIONS), 'norm': ('layernorm', 'rmsnorm'), 'norm_position': ('pre', 'post'),
+               'pos_emb': ('learned', 'rope', 'none'), 'attention': ('softmax', 'linear', 'gla')}
     for name, values in allowed.items():
         if getattr(config, name) not in values:
             raise ValueError(f"{name}={getattr(config, name)!r} is not one of: {', '.join(values)}")
     if config.n_embd % config.n_head:
         raise ValueError(f"n_embd={config.n_embd} must be a multiple of n_head={config.n_head}")
+    head = config.n_embd // config.n_head
+    if config.attention == 'gla' and head % (4 if config.pos_emb == 'rope' else 2):
+        raise ValueError(f"attention='gla' halves the head size ({head}) for keys; it must be even "
+                         f"(a multiple of 4 with pos_emb='rope')")
+    if config.pos_emb == 'rope' and head % 2:
+        raise ValueError(f"pos_emb='rope' rotates pairs of dimensions: the head size ({head}) must be even")
+    if config.chunk_size < 1:
+        raise ValueError(f"chunk_size={config.chunk_size} must be >= 1")
 
 
 def parse_active_layers(active_layers, n_layer):

@@ -22,7 +22,7 @@ import torch
 from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import GPT, GPTConfig, Tokenizer, build_model, load_checkpoint
+from model import GPT, GPTConfig, Tokenizer, build_model, check_config, load_checkpoint
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -48,6 +48,10 @@ n_embd = 128  # transformer: width
 dropout = 0.0  # transformer / gpt2: dropout rate
 bias = False  # transformer: biases in Linears and norms
 norm = 'rmsnorm'  # transformer: 'rmsnorm' (the course's) or 'layernorm' (GPT-2's)
+norm_position = 'pre'  # transformer: 'pre' (GPT-2) or 'post' (the 2017 Transformer)
+pos_emb = 'learned'  # transformer: 'learned', 'rope' or 'none' (NoPE)
+attention = 'softmax'  # transformer: 'softmax', 'linear' or 'gla' (gated linear attention)
+chunk_size = 16  # transformer with linear / gla attention: chunk length of the chunkwise-parallel form
 embed_size = 128  # lstm, kgram_mlp: embedding width
 hidden_size = 256  # lstm: hidden state width
 kgram_k = 3  # kgram_mlp: tokens of context
@@ -85,6 +89,9 @@ def die(msg):
 # -- check the settings before anything is written -----------------------------
 if model_type not in ('transformer', 'lstm', 'kgram_mlp', 'gpt2'):
     die(f"model_type={model_type!r} is not one of: transformer, lstm, kgram_mlp, gpt2")
+if model_type == 'gpt2' and (norm_position, pos_emb, attention) != ('pre', 'learned', 'softmax'):
+    die("norm_position, pos_emb and attention are options of model_type='transformer' (for a GPT-2-shaped one add "
+        "--norm=layernorm --bias=True); fine-tuning keeps the pretrained model's architecture")
 if init_from not in ('scratch', 'resume'):
     die(f"init_from={init_from!r} must be 'scratch' or 'resume' (fine-tune GPT-2 with model_type='gpt2')")
 for name in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'max_iters', 'eval_interval', 'log_interval',
@@ -94,6 +101,12 @@ for name in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'max_ite
 if not 0 <= tinystories_weight <= 1:
     die(f"tinystories_weight={tinystories_weight} must be between 0 and 1")
 input_files = [input_files] if isinstance(input_files, str) else list(input_files)
+if model_type == 'transformer':  # architecture options with values a model cannot have stop here, before any data
+    try:
+        check_config(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, norm=norm, norm_position=norm_position,
+                               pos_emb=pos_emb, attention=attention, chunk_size=chunk_size))
+    except ValueError as e:
+        die(e)
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 if init_from == 'resume' and not os.path.exists(ckpt_path):
     die(f"init_from='resume' but {ckpt_path} does not exist")
@@ -196,9 +209,10 @@ def get_batch(split, g, src=None):
 
 # -- model ----------------------------------------------------------------------
 if model_type == 'transformer':
-    model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
-                      vocab_size=vocab_size, dropout=dropout, norm=norm)
-    model_args = asdict(GPTConfig(**model_args))  # every field, so a checkpoint rebuilds exactly this model
+    model_args = asdict(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
+                                  vocab_size=vocab_size, dropout=dropout, norm=norm, norm_position=norm_position,
+                                  pos_emb=pos_emb, attention=attention, chunk_size=chunk_size))
+    # (every field of GPTConfig, so that a checkpoint rebuilds exactly this model)
 elif model_type == 'lstm':
     model_args = dict(vocab_size=vocab_size, embed_size=embed_size, hidden_size=hidden_size)
 elif model_type == 'kgram_mlp':

@@ -257,3 +257,21 @@ def test_bad_input(datasets, tmp_path):
     assert (out / 'ckpt.pt').read_bytes() == before  # nothing written over
     (out / 'ckpt.pt').write_bytes(before[:len(before) // 3])
     assert_one_line_error(train(out, f'--dataset={d}', '--init_from=resume'), 'truncated or corrupt')
+
+
+def test_architecture_options_are_stored_and_checked_on_resume(datasets, tmp_path):
+    """The research variants' options (model.py's GPTConfig) go into the checkpoint: sample.py and resume
+    rebuild the same model, and resuming with other options is refused, naming each differing field."""
+    d, out = datasets['compact'], tmp_path / 'variant'
+    opts = ['--pos_emb=rope', '--attention=gla', '--norm_position=post', '--chunk_size=4']
+    assert train(out, f'--dataset={d}', *opts, '--max_iters=5', '--eval_interval=5').returncode == 0
+    config = load_model('resume', str(out))[0].config
+    assert (config.pos_emb, config.attention, config.norm_position, config.chunk_size) == ('rope', 'gla', 'post', 4)
+    proc = run_script('sample.py', '--init_from=resume', f'--out_dir={out}', '--start=Once upon a time',
+                      '--max_new_tokens=5', '--num_samples=1')
+    assert proc.returncode == 0, proc.stderr
+    proc = train(out, f'--dataset={d}', *opts, '--max_iters=8', '--eval_interval=4', '--init_from=resume')
+    assert proc.returncode == 0, proc.stderr
+    assert_one_line_error(train(out, f'--dataset={d}', '--pos_emb=learned', '--attention=linear',
+                                '--norm_position=post', '--chunk_size=4', '--init_from=resume'),
+                          "attention='gla' (settings: 'linear')", "pos_emb='rope' (settings: 'learned')")

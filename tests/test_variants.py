@@ -1,0 +1,158 @@
+"""The research variants of the one GPT: RoPE / NoPE, pre / post norm, linear and gated linear attention."""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_one_line_error, run_script
+
+from model import (GPT, GPTConfig, apply_rope, linear_attention_chunked, linear_attention_recurrent,
+                   rope_tables)
+
+
+@pytest.mark.parametrize('decay', [False, True], ids=['linear', 'gla'])
+@pytest.mark.parametrize('chunk_size', [1, 4, 8, 16, 64])
+def test_chunked_and_recurrent_forms_agree(decay, chunk_size):
+    """Outputs, final state and every gradient agree within 1e-10 in float64, for chunk sizes that do and
+    do not divide the length (37), starting from an empty and from a carried state."""
+    torch.manual_seed(0)
+    B, H, T, dk, dv = 2, 3, 37, 4, 5
+    q, k, v = (torch.randn(B, H, T, d, dtype=torch.float64, requires_grad=True) for d in (dk, dk, dv))
+    ld = (F.logsigmoid(torch.randn(B, H, T, dk, dtype=torch.float64) * 3) / 2).requires_grad_() if decay else None
+    s0 = torch.randn(B, H, dk, dv, dtype=torch.float64, requires_grad=True)
+    inputs = [q, k, v, s0] + ([ld] if decay else [])
+    w = torch.randn(B, H, T, dv, dtype=torch.float64)
+    results = []
+    for form in (linear_attention_recurrent, lambda *a, state: linear_attention_chunked(*a, chunk_size, state=state)):
+        for state in (None, s0):
+            o, s = form(q, k, v, ld, state=state)
+            grads = torch.autograd.grad((o * w).sum() + s.sum(), inputs, allow_unused=True)
+            results.append((o, s, grads))
+    for (o1, s1, g1), (o2, s2, g2) in zip(results[:2], results[2:]):
+        assert (o1 - o2).abs().max() < 1e-10 and (s1 - s2).abs().max() < 1e-10
+        for a, b in zip(g1, g2):
+            assert (a is None and b is None) or (a - b).abs().max() < 1e-10
+
+
+def test_rope_scores_depend_only_on_the_offset():
+    torch.manual_seed(0)
+    cos, sin = rope_tables(8, 64, 10000.0)
+    q, k = torch.randn(8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+
+    def score(m, n):
+        rq = apply_rope(q.view(1, 1, 1, 8), cos[m:m + 1], sin[m:m + 1])
+        rk = apply_rope(k.view(1, 1, 1, 8), cos[n:n + 1], sin[n:n + 1])
+        return (rq * rk).sum().item()
+    for m, n in [(5, 2), (9, 9), (30, 1)]:
+        for shift in (1, 7, 33):
+            assert score(m + shift, n + shift) == pytest.approx(score(m, n), abs=1e-12)
+    assert abs(score(5, 2) - score(6, 2)) > 1e-3  # and it does depend on the offset
+
+
+COMBOS = list(itertools.product(['learned', 'rope', 'none'], ['layernorm', 'rmsnorm'], ['pre', 'post'],
+                                ['softmax', 'linear', 'gla']))
+
+
+def counting_batch(n, length):
+    """Sequences counting by a step d in {1, 2, 3} (mod 29), d drawn per sequence: the last token narrows
+    the next to three, and attention to the one before it tells which."""
+    x0, d = torch.randint(0, 29, (n, 1)), torch.randint(1, 4, (n, 1))
+    return (x0 + d * torch.arange(length)) % 29
+
+
+def trained(config, steps=150, seed=0):
+    """A small model trained in float64 on counting_batch, so that its weights are far from their initial
+    values and greedy decoding depends on what attention computes (all 36 combinations reach a loss of
+    0.4-1.0 nats, below the ln 3 that the last token alone allows)."""
+    torch.manual_seed(seed)
+    model = GPT(config).double()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        seq = counting_batch(16, config.block_size + 1)
+        _, loss = model(seq[:, :-1], seq[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.mark.parametrize('pos_emb,norm,norm_position,attention', COMBOS,
+                         ids=['-'.join(c) for c in COMBOS])
+def test_greedy_generate_equals_recompute(pos_emb, norm, norm_position, attention):
+    """KV cache or recurrent state, over a prompt longer than one chunk and past block_size (where every
+    attention kind conditions on the last block_size tokens), in float64."""
+    config = GPTConfig(block_size=20, vocab_size=32, n_layer=2, n_head=2, n_embd=16, pos_emb=pos_emb, norm=norm,
+                       norm_position=norm_position, attention=attention, chunk_size=5)
+    model = trained(config)
+    prompt = counting_batch(2, 12)
+    out = model.generate(prompt, 25, temperature=0)
+    ref = prompt
+    with torch.no_grad():
+        for _ in range(25):
+            ref = torch.cat([ref, model(ref[:, -20:])[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, ref)
+    assert len(set(out[0, 12:].tolist())) > 3  # decoding varies: the state and positions matter
+
+
+@pytest.mark.parametrize('attention', ['softmax', 'linear', 'gla'])
+@pytest.mark.parametrize('pos_emb', ['learned', 'rope', 'none'])
+def test_every_kind_trains_in_float32(attention, pos_emb):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=32, n_layer=2, n_head=2, n_embd=32, attention=attention,
+                          pos_emb=pos_emb, chunk_size=6))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x = torch.arange(17).repeat(8, 1) % 32  # counting: learnable by every kind
+    losses = []
+    for _ in range(30):
+        _, loss = model(x[:, :-1], x[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    assert model.generate(x[:1, :4], 8, temperature=0).shape == (1, 12)
+
+
+@pytest.mark.parametrize('attention', ['softmax', 'linear', 'gla'])
+def test_attention_weights_reproduce_the_attention(attention):
+    """weights() is the causal matrix that mixes the values: rows of softmax and linear attention sum to 1,
+    and weights @ v gives the attention's output (before the head norm and output gate of GLA)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=32, n_layer=1, n_head=2, n_embd=16, attention=attention,
+                          pos_emb='rope', chunk_size=4)).double().eval()
+    attn = model.transformer.h[0].attn
+    x = torch.randn(2, 11, 16, dtype=torch.float64)
+    rope = (model.rope_cos[:11], model.rope_sin[:11])
+    w = attn.weights(x, rope)
+    assert w.shape == (2, 2, 11, 11) and torch.all(w.triu(1) == 0)
+    q, k, v = attn.qkv(x, rope)
+    if attention == 'softmax':
+        assert torch.allclose(w.sum(-1), torch.ones(2, 2, 11, dtype=torch.float64))
+        assert torch.allclose(w @ v, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    elif attention == 'linear':
+        assert torch.allclose(w.sum(-1), torch.ones(2, 2, 11, dtype=torch.float64))
+        o, _ = linear_attention_chunked(q, k, torch.cat([v, torch.ones_like(v[..., :1])], -1), None, 4)
+        assert torch.allclose(w @ v, o[..., :-1] / o[..., -1:])
+    else:
+        log_decay = attn.heads(F.logsigmoid(attn.gate_proj(x)) / 16)
+        assert torch.allclose(w @ v, linear_attention_chunked(q, k, v, log_decay, 4)[0])
+
+
+def test_parameter_counts_match_across_attention_kinds():
+    counts = {a: GPT(GPTConfig(block_size=64, vocab_size=100, n_layer=2, n_head=4, n_embd=128, attention=a)).get_num_params()
+              for a in ('softmax', 'linear', 'gla')}
+    assert counts['linear'] == counts['softmax']
+    assert abs(counts['gla'] - counts['softmax']) / counts['softmax'] < 0.02  # the rank-16 gate only
+
+
+def test_bad_option_values(tmp_path):
+    with pytest.raises(ValueError, match="attention='flash' is not one of: softmax, linear, gla"):
+        GPT(GPTConfig(attention='flash'))
+    with pytest.raises(ValueError, match="pos_emb='alibi' is not one of: learned, rope, none"):
+        GPT(GPTConfig(pos_emb='alibi'))
+    with pytest.raises(ValueError, match="norm_position='sandwich' is not one of: pre, post"):
+        GPT(GPTConfig(norm_position='sandwich'))
+    assert_one_line_error(run_script('train.py', '--attention=flash', f'--out_dir={tmp_path}'),
+                          "attention='flash' is not one of: softmax, linear, gla")
+    assert_one_line_error(run_script('train.py', '--model_type=gpt2', '--pos_emb=rope', f'--out_dir={tmp_path}'),
+                          "options of model_type='transformer'", "fine-tuning keeps the pretrained model's architecture")
