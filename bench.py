@@ -3,6 +3,7 @@ Benchmarks: our code against a reference, on the same weights, in one process, a
     python bench.py --bench=decode      # GPT-2 124M decoding: ours (float32, half, compiled) vs transformers and CTranslate2
     python bench.py --bench=decode --engines_list=float32,ctranslate2-float32 --new_tokens=100
     python bench.py --bench=train       # training steps/s of our GPT vs a plain nanoGPT-equivalent model
+    python bench.py --bench=attention   # softmax vs linear vs GLA: decode cost at positions 100-4000, training speed
 Figures go in README.md with the machine they were measured on.
 """
 import json
@@ -20,7 +21,7 @@ from torch.nn import functional as F
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
-bench = 'decode'  # 'decode' (tokens/s of generate vs transformers) or 'train' (training tokens/s vs nanoGPT's math)
+bench = 'decode'  # 'decode' (vs transformers, CTranslate2), 'train' (vs nanoGPT's math) or 'attention' (kinds)
 engines_list: str | tuple = 'transformers,ctranslate2-float32,ctranslate2-int8,float32,float32+compile,float16,bfloat16,bfloat16+compile'  # what to compare
 new_tokens: tuple | int = (100, 500)  # decode lengths to measure
 prompt_len = 16  # tokens in the (random) prompt
@@ -34,6 +35,10 @@ seed = 1337
 # bench='train': nanoGPT's CPU example (shakespeare_char: 65 characters, 4 layers, 128 wide, batch 12 x 64)
 train_vocab = 65  # vocabulary size
 train_steps = 30  # optimizer steps per timed run
+# bench='attention': a GPT-2 124M-shaped model of each attention kind
+positions: tuple | int = (100, 1000, 4000)  # decode cost per token measured at these positions
+decode_tokens = 32  # tokens decoded (and timed) at each position
+attention_kinds = 'softmax,linear,gla'  # the kinds compared
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 torch.set_num_threads(threads)
@@ -46,6 +51,26 @@ def timed(fn):
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+def training_times(models, batches):
+    """Seconds per pass over batches (forward, backward, AdamW) for each model, after one warm-up pass;
+    the models take turns, repeats times."""
+    optims = {k: torch.optim.AdamW(m.parameters(), lr=1e-3) for k, m in models.items()}
+
+    def run(name):
+        for x, y in batches:
+            _, loss = models[name](x, y)
+            loss.backward()
+            optims[name].step()
+            optims[name].zero_grad(set_to_none=True)
+    for name in models:
+        run(name)  # warm up
+    times = {k: [] for k in models}
+    for _ in range(repeats):
+        for name in models:
+            times[name].append(timed(lambda: run(name)))
+    return times
 
 
 if bench == 'decode':
@@ -196,27 +221,45 @@ elif bench == 'train':
                                           bias=False, activation='gelu')),
               'ours (Transformer, RMSNorm)': GPT(GPTConfig(block_size=T, vocab_size=train_vocab, n_layer=L, n_head=H,
                                                            n_embd=C, bias=False, norm='rmsnorm'))}
-    optims = {k: torch.optim.AdamW(m.parameters(), lr=1e-3) for k, m in models.items()}
     batches = [(torch.randint(0, train_vocab, (B, T)), torch.randint(0, train_vocab, (B, T))) for _ in range(train_steps)]
-
-    def run(name):
-        m, opt = models[name], optims[name]
-        for x, y in batches:
-            _, loss = m(x, y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-    for name in models:
-        run(name)  # warm up
-    times = {k: [] for k in models}
-    for _ in range(repeats):
-        for name in models:
-            times[name].append(timed(lambda: run(name)))
+    times = training_times(models, batches)
     print(f"training step (forward + backward + AdamW), batch {B} x {T}, {L} layers x {C}, vocab {train_vocab}, "
           f"{threads} threads, torch {torch.__version__}, median of {repeats} runs of {train_steps} steps")
     ref_tps = B * T * train_steps / statistics.median(times['nanoGPT math'])
     for name in models:
         tps = B * T * train_steps / statistics.median(times[name])
         print(f"  {name:<28} {tps:9,.0f} tokens/s   {tps / ref_tps:.2f}x")
+elif bench == 'attention':
+    kinds = [k.strip() for k in attention_kinds.split(',')]
+    positions = (positions,) if isinstance(positions, int) else tuple(positions)
+    # decoding: softmax reads a KV cache that grows with the position; linear and GLA carry a fixed-size state
+    models = {k: GPT(GPTConfig(block_size=max(positions) + decode_tokens + 1, vocab_size=50257, attention=k)).eval()
+              for k in kinds}
+    print(f"decode cost per token by position: GPT-2 124M shape (12 x 768), batch 1, top_k={top_k}, {threads} threads, "
+          f"median of {repeats}")
+    g = torch.Generator().manual_seed(seed)
+    rows = {}
+    for p in positions:
+        prompt = torch.randint(0, 50257, (1, p), generator=g)
+        times = {k: [] for k in kinds}
+        for _ in range(repeats):
+            for k in kinds:
+                stream = models[k].generate_stream(prompt, decode_tokens + 1, top_k=top_k)
+                next(stream)  # the prefill, not timed
+                times[k].append(timed(lambda: [None for _ in stream]))
+        rows[p] = {k: decode_tokens / statistics.median(times[k]) for k in kinds}
+        print(f"  position {p:5d}: " + "   ".join(f"{k} {rows[p][k]:6.1f} tok/s" for k in kinds))
+    first, last = positions[0], positions[-1]
+    print("  time per token at position %d relative to %d: " % (last, first) +
+          ", ".join(f"{k} {rows[first][k] / rows[last][k]:.2f}x" for k in kinds))
+    # training throughput at block_size 1024, config/pico_tiny.py's width (forward + backward + AdamW)
+    B, T = 2, 1024
+    batch = (torch.randint(0, 6722, (B, T), generator=g), torch.randint(0, 6722, (B, T), generator=g))
+    train_models = {k: GPT(GPTConfig(block_size=T, vocab_size=6722, n_layer=4, n_head=4, n_embd=128, bias=False,
+                                     norm='rmsnorm', attention=k)) for k in kinds}
+    times = training_times(train_models, [batch] * 3)
+    tps = {k: 3 * B * T / statistics.median(times[k]) for k in kinds}
+    print(f"training, block_size {T}, batch {B}, 4 layers x 128, vocabulary 6722: " +
+          ", ".join(f"{k} {tps[k]:,.0f} tokens/s ({tps[k] / tps[kinds[0]]:.2f}x)" for k in kinds))
 else:
-    sys.exit(f"bench.py: error: bench={bench!r} is not one of: decode, train")
+    sys.exit(f"bench.py: error: bench={bench!r} is not one of: decode, train, attention")
