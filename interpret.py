@@ -170,6 +170,9 @@ need = sae_tokens + sae_eval_tokens
 if len(ids) < need // 2:
     die(f"{sae_data} has {len(ids)} tokens; the SAE needs about sae_tokens + sae_eval_tokens = {need}")
 n_windows = len(ids) // context_len
+if n_windows < 2:
+    die(f"{sae_data} has {len(ids)} tokens: the SAE needs at least two windows of {context_len} tokens "
+        f"(one to train on, one held out)")
 windows = torch.tensor(ids[:n_windows * context_len], device=device).view(n_windows, context_len)
 n_eval = max(1, min(n_windows // 2, math.ceil(sae_eval_tokens / context_len)))
 train_windows, eval_windows = windows[:-n_eval][:math.ceil(sae_tokens / context_len)], windows[-n_eval:]

@@ -119,7 +119,7 @@ class Linear(nn.Linear):
 
 def rope_tables(head_dim, n_pos, base):
     """cos and sin of RoPE's angles (Su et al. 2021, arXiv 2104.09864, eq. 34): position m turns the pair
-    (x_i, x_{i+d/2}) by m * base^(-2i/d). Computed once, in float64 (they are cast where used)."""
+    (x_i, x_{i+d/2}) by m * base^(-2i/d) (half-split pairs, equivalent to the paper's adjacent ones)."""
     inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     angles = torch.outer(torch.arange(n_pos, dtype=torch.float64), inv_freq)
     return angles.cos(), angles.sin()
@@ -219,16 +219,29 @@ class CausalSelfAttention(nn.Module):
         return x.view(x.size(0), x.size(1), self.n_head, -1).transpose(1, 2)
 
     def qkv(self, x, rope=None):
-        """Queries, keys, values (B, n_head, T, d) of x, with RoPE applied; phi(q), phi(k) for 'linear'."""
+        """Queries, keys, values (B, n_head, T, d) of x, with RoPE applied. For 'linear', phi(q), phi(k) and
+        v with what the normalizer needs: a column of ones beside v, whose output is phi(q_t) . sum_s phi(k_s);
+        with RoPE (RoFormer eq. 19: rotate phi(q), phi(k) in the numerator only, so that the normalizer stays
+        positive) n_head more heads carry the unrotated features with values of ones instead."""
         q, k, v = self.c_attn(x).split([self.n_head * self.dk, self.n_head * self.dk, self.n_embd], dim=2)
         q, k, v = self.heads(q), self.heads(k), self.heads(v)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if self.kind == 'linear':
             q, k = F.elu(q) + 1, F.elu(k) + 1  # a positive feature map, so the normalizer is > 0
+            if rope is None:
+                return q, k, torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+            return (torch.cat([apply_rope(q, *rope), q], dim=1), torch.cat([apply_rope(k, *rope), k], dim=1),
+                    torch.cat([v, torch.ones_like(v)], dim=1))
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if self.kind == 'gla':
             q = q * self.dk ** -0.5
         return q, k, v
+
+    def normalize(self, o):
+        """Linear attention's output from what qkv's values produced: numerator over normalizer."""
+        if o.size(1) > self.n_head:  # RoPE: the normalizer heads follow the numerator heads
+            return o[:, :self.n_head] / o[:, self.n_head:]
+        return o[..., :-1] / o[..., -1:]
 
     def forward(self, x, start_pos=None, rope=None):
         B, T, C = x.size()
@@ -236,11 +249,13 @@ class CausalSelfAttention(nn.Module):
         if self.kind == 'softmax':
             y = self.softmax_attention(q, k, v, start_pos, x)
         else:
-            log_decay = None
-            if self.kind == 'linear':  # a column of ones beside v makes o's last column the normalizer
-                v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
-            else:  # GLA's forget gate a = sigmoid(.)^(1/16), kept in log space
-                log_decay = self.heads(F.logsigmoid(self.gate_proj(x)) / 16)
+            # GLA's forget gate a = sigmoid(.)^(1/16), kept in log space
+            log_decay = self.heads(F.logsigmoid(self.gate_proj(x)) / 16) if self.kind == 'gla' else None
+            if q.dtype in (torch.float16, torch.bfloat16):
+                # the state sums every token so far: in half precision its rounding errors pile up (and
+                # linear attention's normalizer overflows float16), so it is kept in float32
+                q, k, v = q.float(), k.float(), v.float()
+                log_decay = None if log_decay is None else log_decay.float()
             if start_pos is None or start_pos == 0:  # training, or the prefill of generation
                 y, state = linear_attention_chunked(q, k, v, log_decay, self.chunk_size)
             else:  # generation: one token, continuing from the state the previous call left
@@ -248,10 +263,10 @@ class CausalSelfAttention(nn.Module):
                 y, state = linear_attention_recurrent(q, k, v, log_decay, self.state)
             if start_pos is not None:
                 self.state = state
-            if self.kind == 'linear':
-                y = y[..., :-1] / y[..., -1:]
-            else:
-                y = self.head_norm(y) * self.heads(F.silu(self.out_gate(x)))
+            y = self.normalize(y) if self.kind == 'linear' else self.head_norm(y)
+            y = y.to(x.dtype)
+            if self.kind == 'gla':
+                y = y * self.heads(F.silu(self.out_gate(x)))
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -276,7 +291,7 @@ class CausalSelfAttention(nn.Module):
 
     def weights(self, x, rope=None):
         """The (B, n_head, T, T) causal matrix by which each position mixes the values: softmax's attention
-        probabilities; for 'linear', phi(q_t) . phi(k_s) over its normalizer; for 'gla', q_t . (decay * k_s),
+        probabilities; for 'linear', phi(q_t) . phi(k_s) (rotated by RoPE) over the normalizer; for 'gla', q_t . (decay * k_s),
         which multiplies v before the head norm and output gate. For looking at, not for computing."""
         q, k, v = self.qkv(x, rope)
         T = q.size(2)
@@ -286,7 +301,8 @@ class CausalSelfAttention(nn.Module):
             return scores.masked_fill(~causal, float('-inf')).softmax(dim=-1)
         if self.kind == 'linear':
             w = (q @ k.transpose(-1, -2)).masked_fill(~causal, 0.0)
-            return w / w.sum(dim=-1, keepdim=True)
+            numerator, normalizer = (w[:, :self.n_head], w[:, self.n_head:]) if w.size(1) > self.n_head else (w, w)
+            return numerator / normalizer.sum(dim=-1, keepdim=True)
         L = self.heads(F.logsigmoid(self.gate_proj(x)) / 16).cumsum(dim=2)
         decay = (L.unsqueeze(-2) - L.unsqueeze(-3)).masked_fill(~causal[:, :, None], float('-inf')).exp()
         return torch.einsum('bhtd,bhsd,bhtsd->bhts', q, k, decay)
@@ -352,8 +368,9 @@ class GPT(nn.Module):
         if config.pos_emb == 'rope':
             cos, sin = rope_tables(config.n_embd // config.n_head // (2 if config.attention == 'gla' else 1),
                                    config.block_size, config.rope_base)
-            self.register_buffer('rope_cos', cos, persistent=False)
-            self.register_buffer('rope_sin', sin, persistent=False)
+            # computed in float64 for exact angles at long positions, kept in float32 (MPS has no float64)
+            self.register_buffer('rope_cos', cos.float(), persistent=False)
+            self.register_buffer('rope_sin', sin.float(), persistent=False)
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         # weight tying (Press & Wolf 2017): the unembedding is the token embedding, as in GPT-2
         self.transformer.wte.weight = self.lm_head.weight

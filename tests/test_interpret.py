@@ -45,9 +45,9 @@ def test_sae_on_the_residual_stream(hf_tiny, stories, tmp_path):
     assert m['where'] == 'the residual stream after block 1'
     assert 0.5 < m['variance_explained'] <= 1.0  # it reconstructs ...
     assert 0 < m['mean_l0'] < 64  # ... from a minority of its 128 features
-    assert 0 <= m['dead_feature_share'] < 1
-    assert m['loss_with_sae'] == pytest.approx(m['loss'] + m['loss_increase'])
-    assert m['loss_with_sae'] < m['loss_mean_ablation']  # far better than throwing the layer away
+    assert 0 <= m['dead_feature_share'] < 0.5
+    # splicing the reconstruction in costs far less than replacing the activations by their mean
+    assert m['loss_increase'] < 0.5 * (m['loss_mean_ablation'] - m['loss']), m
     assert 'sae step' in proc.stderr and 'variance explained' in proc.stdout
     text = page.read_text()
     assert text.startswith('<!DOCTYPE html>') and text.count('<h2>feature') == 5 and '<style>' in text
@@ -72,6 +72,11 @@ def test_interpret_errors(hf_tiny, stories, tmp_path):
                           'sae_layer=3 is out of range: this model has 3 blocks (0-2, or -1)')
     assert_one_line_error(run_script('interpret.py', f'--init_from={folder}', '--sae=True', '--sae_data=/no/data'),
                           "sae_data '/no/data' not found")
+    short = tmp_path / 'short.txt'
+    short.write_text('Once upon a time there was a cat.')  # fewer tokens than two windows of 32
+    assert_one_line_error(run_script('interpret.py', f'--init_from={folder}', '--attention_png=None', '--sae=True',
+                                     f'--sae_data={short}', '--sae_tokens=10', '--sae_eval_tokens=4'),
+                          'the SAE needs at least two windows of 32 tokens')
     args = dict(vocab_size=50257, k=2, embed_size=8, num_inner_layers=1)
     out = checkpoint(tmp_path, KGramMLPSeqModel(**args), 'kgram_mlp', args)
     assert_one_line_error(run_script('interpret.py', f'--out_dir={out}', '--attention_png=None', '--sae=True',

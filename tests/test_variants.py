@@ -129,10 +129,11 @@ def test_attention_weights_reproduce_the_attention(attention):
     if attention == 'softmax':
         assert torch.allclose(w.sum(-1), torch.ones(2, 2, 11, dtype=torch.float64))
         assert torch.allclose(w @ v, F.scaled_dot_product_attention(q, k, v, is_causal=True))
-    elif attention == 'linear':
-        assert torch.allclose(w.sum(-1), torch.ones(2, 2, 11, dtype=torch.float64))
-        o, _ = linear_attention_chunked(q, k, torch.cat([v, torch.ones_like(v[..., :1])], -1), None, 4)
-        assert torch.allclose(w @ v, o[..., :-1] / o[..., -1:])
+    elif attention == 'linear':  # with RoPE the numerator's features are rotated, the normalizer's are not
+        assert q.size(1) == 4 and torch.all(v[:, 2:] == 1)  # 2 heads, then 2 normalizer heads
+        assert torch.allclose(w @ v[:, :2], attn.normalize(linear_attention_chunked(q, k, v, None, 4)[0]))
+        plain = attn.weights(x)  # without RoPE, rows are convex weights
+        assert torch.allclose(plain.sum(-1), torch.ones(2, 2, 11, dtype=torch.float64)) and plain.min() >= 0
     else:
         log_decay = attn.heads(F.logsigmoid(attn.gate_proj(x)) / 16)
         assert torch.allclose(w @ v, linear_attention_chunked(q, k, v, log_decay, 4)[0])
@@ -156,3 +157,20 @@ def test_bad_option_values(tmp_path):
                           "attention='flash' is not one of: softmax, linear, gla")
     assert_one_line_error(run_script('train.py', '--model_type=gpt2', '--pos_emb=rope', f'--out_dir={tmp_path}'),
                           "options of model_type='transformer'", "fine-tuning keeps the pretrained model's architecture")
+
+
+@pytest.mark.parametrize('attention', ['linear', 'gla'])
+def test_half_precision_state_decodes_like_the_chunked_forward(attention):
+    """With bfloat16 weights the recurrent state is summed in float32: 1,000 tokens on, token-by-token
+    attention still gives what the chunked form gives for the whole sequence (a bfloat16 state drifts)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=1000, vocab_size=64, n_layer=1, n_head=2, n_embd=32, attention=attention,
+                          pos_emb='none')).to(torch.bfloat16)
+    attn = model.transformer.h[0].attn
+    x = torch.randn(1, 1000, 32).to(torch.bfloat16)
+    with torch.no_grad():
+        full = attn(x)[0, -1].float()
+        attn(x[:, :8], start_pos=0)
+        for t in range(8, 1000):
+            step = attn(x[:, t:t + 1], start_pos=t)[0, -1].float()
+    assert (step - full).norm() / full.norm() < 0.02
