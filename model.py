@@ -153,6 +153,16 @@ def linear_attention_recurrent(q, k, v, log_decay=None, state=None):
     return torch.stack(out, dim=2), state
 
 
+def gated_scores(q, k, L):
+    """A[t, s] = sum_i q_ti k_si exp(L_ti - L_si) for s <= t, else 0: causal attention scores under GLA's
+    decay, with L the running sum of log_decay over the sequence (or chunk). The decays exp(L_t - L_s) <= 1
+    are formed directly, which is stable for any gate. q, k, L: (..., T, dk); returns (..., T, T)."""
+    T = q.size(-2)
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    decay = (L.unsqueeze(-2) - L.unsqueeze(-3)).masked_fill(~causal[:, :, None], float('-inf')).exp()
+    return torch.einsum('...td,...sd,...tsd->...ts', q, k, decay)
+
+
 def linear_attention_chunked(q, k, v, log_decay=None, chunk_size=64, state=None):
     """The same outputs as linear_attention_recurrent, chunkwise-parallel (for training and prefill; GLA,
     section 4.2). Unrolled over a chunk that starts from state S_0, with L_t the sum of log_decay over the
@@ -168,12 +178,10 @@ def linear_attention_chunked(q, k, v, log_decay=None, chunk_size=64, state=None)
     ld = q.new_zeros(B, H, T, dk) if log_decay is None else log_decay
     q, k, v, ld = (F.pad(t, (0, 0, 0, pad)).view(B, H, -1, C, t.size(-1)) for t in (q, k, v, ld))
     L = ld.cumsum(dim=3)  # (B, H, n_chunks, C, dk)
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     if log_decay is None:  # no decay: the chunk's attention is plain causal q k^T
-        A = (q @ k.transpose(-1, -2)).masked_fill(~causal, 0.0)
-    else:  # A[t, s] = sum_i q_ti k_si exp(L_ti - L_si), for s <= t
-        decay = (L.unsqueeze(-2) - L.unsqueeze(-3)).masked_fill(~causal[:, :, None], float('-inf')).exp()
-        A = torch.einsum('bhntd,bhnsd,bhntsd->bhnts', q, k, decay)
+        A = (q @ k.transpose(-1, -2)).tril()
+    else:
+        A = gated_scores(q, k, L)
     o_intra = A @ v
     q_in = q * L.exp()  # how much of the entering state each position still sees
     k_out = k * (L[..., -1:, :] - L).exp()  # how much of each token is left at the chunk's end
@@ -249,8 +257,7 @@ class CausalSelfAttention(nn.Module):
         if self.kind == 'softmax':
             y = self.softmax_attention(q, k, v, start_pos, x)
         else:
-            # GLA's forget gate a = sigmoid(.)^(1/16), kept in log space
-            log_decay = self.heads(F.logsigmoid(self.gate_proj(x)) / 16) if self.kind == 'gla' else None
+            log_decay = self.log_decay(x) if self.kind == 'gla' else None
             if q.dtype in (torch.float16, torch.bfloat16):
                 # the state sums every token so far: in half precision its rounding errors pile up (and
                 # linear attention's normalizer overflows float16), so it is kept in float32
@@ -291,21 +298,24 @@ class CausalSelfAttention(nn.Module):
 
     def weights(self, x, rope=None):
         """The (B, n_head, T, T) causal matrix by which each position mixes the values: softmax's attention
-        probabilities; for 'linear', phi(q_t) . phi(k_s) (rotated by RoPE) over the normalizer; for 'gla', q_t . (decay * k_s),
-        which multiplies v before the head norm and output gate. For looking at, not for computing."""
+        probabilities; for 'linear', phi(q_t) . phi(k_s) (rotated by RoPE) over the normalizer; for 'gla',
+        q_t . (decay * k_s), which multiplies v before the head norm and output gate. For looking at only."""
         q, k, v = self.qkv(x, rope)
-        T = q.size(2)
-        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
         if self.kind == 'softmax':
+            T = q.size(2)
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.size(-1))
             return scores.masked_fill(~causal, float('-inf')).softmax(dim=-1)
         if self.kind == 'linear':
-            w = (q @ k.transpose(-1, -2)).masked_fill(~causal, 0.0)
+            w = (q @ k.transpose(-1, -2)).tril()
             numerator, normalizer = (w[:, :self.n_head], w[:, self.n_head:]) if w.size(1) > self.n_head else (w, w)
             return numerator / normalizer.sum(dim=-1, keepdim=True)
-        L = self.heads(F.logsigmoid(self.gate_proj(x)) / 16).cumsum(dim=2)
-        decay = (L.unsqueeze(-2) - L.unsqueeze(-3)).masked_fill(~causal[:, :, None], float('-inf')).exp()
-        return torch.einsum('bhtd,bhsd,bhtsd->bhts', q, k, decay)
+        return gated_scores(q, k, self.log_decay(x).cumsum(dim=2))
+
+    def log_decay(self, x):
+        """GLA's forget gate a = sigmoid(x W_1 W_2)^(1/16) (rank-16, temperature 16), in log space:
+        (B, n_head, T, dk)."""
+        return self.heads(F.logsigmoid(self.gate_proj(x)) / 16)
 
 
 class MLP(nn.Module):
