@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+import fast_cpu
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -86,10 +87,11 @@ if bench == 'decode':
     dtypes = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
     def our_engine(spec):
-        """'float16' or 'bfloat16+compile': our GPT in that dtype, with GPT.compile_decode when asked."""
+        """'float16' or 'bfloat16+compile': our GPT in that dtype, as sample.py runs it on a CPU
+        (fast_cpu.optimize, with compile_decode when asked)."""
         name, _, extra = spec.partition('+')
-        model = GPT.from_pretrained(folder).eval().to(dtypes[name])
-        if extra == 'compile' and not model.compile_decode():
+        model = fast_cpu.optimize(GPT.from_pretrained(folder).eval().to(dtypes[name]))
+        if extra == 'compile' and not fast_cpu.compile_decode(model):
             return None
 
         def generate(idx, n, greedy=False):
@@ -241,8 +243,8 @@ elif bench == 'attention':
     kinds = [k.strip() for k in attention_kinds.split(',')]
     positions = (positions,) if isinstance(positions, int) else tuple(positions)
     # decoding: softmax reads a KV cache that grows with the position; linear and GLA carry a fixed-size state
-    models = {k: GPT(GPTConfig(block_size=max(positions) + decode_tokens + 1, vocab_size=50257, attention=k)).eval()
-              for k in kinds}
+    models = {k: fast_cpu.optimize(GPT(GPTConfig(block_size=max(positions) + decode_tokens + 1, vocab_size=50257,
+                                                 attention=k)).eval()) for k in kinds}
     print(f"decode cost per token by position: GPT-2 124M shape (12 x 768), batch 1, top_k={top_k}, {threads} threads, "
           f"median of {repeats}")
     g = torch.Generator().manual_seed(seed)

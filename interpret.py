@@ -20,7 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import GPT, LSTMSeqModel, load_model
+import fast_cpu
+from load import load_model
+from model import GPT, LSTMSeqModel
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # 'resume', a .pt file, a GPT-2 name, a Hub repo id, or a local folder (as in sample.py)
@@ -69,6 +71,7 @@ try:
 except (OSError, ValueError) as e:
     die(e)
 model.eval().to(device)
+fast_cpu.optimize(model)
 
 # -- attention maps ----------------------------------------------------------------------------------------
 if attention_png:

@@ -14,7 +14,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from model import GPT, load_model
+from load import load_model
+from model import GPT
 
 # -----------------------------------------------------------------------------
 init_from = 'gpt2'  # 'resume', a .pt file, a GPT-2 name, a Hub repo id, or a local folder (as in sample.py)

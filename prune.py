@@ -15,7 +15,9 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
-from model import GPT, check_sampling_args, load_model, parse_active_layers
+import fast_cpu
+from load import load_model
+from model import GPT, check_sampling_args, parse_active_layers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # -----------------------------------------------------------------------------
@@ -133,6 +135,7 @@ except (OSError, ValueError) as e:
 if not isinstance(model, GPT):
     die(f"prune.py prunes transformer blocks; init_from={init_from!r} is a {type(model).__name__}")
 model.eval().to(device)
+fast_cpu.optimize(model)
 n_layer = len(model.transformer.h)
 for spec in specs:  # every spec must name blocks of this model
     try:

@@ -10,7 +10,9 @@ import time
 
 import torch
 
-from model import check_sampling_args, load_model
+import fast_cpu
+from load import load_model
+from model import check_sampling_args
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # 'resume' (out_dir/ckpt.pt), a .pt file, gpt2 / gpt2-medium / gpt2-large / gpt2-xl, a Hub repo id, or a local folder
@@ -25,7 +27,7 @@ active_layers: str | tuple | list | int | None = None  # blocks to run: None, 'e
 seed = 1337  # random seed, so a run can be repeated
 device = 'auto'  # 'cpu', 'cuda', 'cuda:1', 'mps', ...; 'auto' picks cuda > mps > cpu
 dtype = 'auto'  # 'float32', 'bfloat16' or 'float16' weights; 'auto': bfloat16 on a GPU that has it, else float32
-compile = False  # torch.compile the decoding step (on CPU: GPT.compile_decode, ~1.3-1.5x faster; needs a C++ compiler)
+compile = False  # torch.compile the decoding step (on CPU: fast_cpu.compile_decode, ~1.3-1.5x faster; needs a C++ compiler)
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())  # command line or config file
 # -----------------------------------------------------------------------------
 
@@ -59,11 +61,10 @@ except (OSError, ValueError) as e:
     sys.exit(f"sample.py: error: {e}")
 model.eval()
 model.to(device=device, dtype=dtypes[dtype])
-if compile:
-    if device == 'cpu' and hasattr(model, 'compile_decode'):
-        model.compile_decode()  # the one-row matmuls of decoding; prefill stays on the library kernels
-    else:
-        model.compile()
+if device == 'cpu':
+    fast_cpu.optimize(model, compile=compile)  # with compile, only the one-row matmuls of decoding are compiled
+elif compile:
+    model.compile()
 
 if not start_ids:
     sys.exit("sample.py: error: the prompt is empty; give --start=... (or --start='<|endoftext|>' for no prompt)")

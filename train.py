@@ -22,7 +22,10 @@ import torch
 from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import GPT, GPTConfig, Tokenizer, build_model, check_config, load_checkpoint
+import fast_cpu
+from load import Tokenizer, build_model, load_checkpoint, save_checkpoint
+from model import GPT, GPTConfig, check_config
+from plot import plot_runs, read_log
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -101,10 +104,12 @@ for name in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'max_ite
 if not 0 <= tinystories_weight <= 1:
     die(f"tinystories_weight={tinystories_weight} must be between 0 and 1")
 input_files = [input_files] if isinstance(input_files, str) else list(input_files)
-if model_type == 'transformer':  # architecture options with values a model cannot have stop here, before any data
+# the Transformer's architecture (the vocabulary comes from the data); values a model cannot have stop here
+gpt_config = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias, dropout=dropout,
+                       norm=norm, norm_position=norm_position, pos_emb=pos_emb, attention=attention, chunk_size=chunk_size)
+if model_type == 'transformer':
     try:
-        check_config(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, norm=norm, norm_position=norm_position,
-                               pos_emb=pos_emb, attention=attention, chunk_size=chunk_size))
+        check_config(gpt_config)
     except ValueError as e:
         die(e)
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
@@ -166,12 +171,11 @@ for src in sources:
             die(f"block_size={block_size} is longer than the {split} split of {src} ({len(arr)} tokens); "
                 f"lower block_size or give more data")
 # the model's vocabulary: GPT-2's, or the union of the sources' compacted vocabularies (model id i is GPT-2
-# id id_map[i]); batches are mapped through to_model, a lookup table from GPT-2 ids to the model's ids
+# id id_map[i]); batches are mapped through the tokenizer's table of each GPT-2 id's model id
 maps = [meta[src].get('id_map') for src in sources]
 id_map = None if model_type == 'gpt2' or any(m is None for m in maps) else sorted(set().union(*maps))
-vocab_size = 50257 if id_map is None else len(id_map)
-to_model = torch.arange(50257) if id_map is None else torch.full((50257,), -1).index_put_(
-    (torch.tensor(id_map),), torch.arange(len(id_map)))
+tokenizer = Tokenizer(id_map)
+vocab_size = tokenizer.n_vocab
 # which source a training row comes from: dataset with probability tinystories_weight, the rest from the
 # input_files in proportion to their size (as if their sequences were pooled, as the course pools them)
 weights = torch.tensor([float(len(data[s]['train'])) for s in sources])
@@ -200,7 +204,7 @@ def get_batch(split, g, src=None):
         s = sources[torch.multinomial(weights, 1, generator=g).item()] if src is None else src
         i = torch.randint(len(data[s][split]) - block_size - 1, (1,), generator=g).item()
         rows.append(torch.from_numpy(data[s][split][i:i + block_size + 1].astype(np.int64)))
-    xy = to_model[torch.stack(rows)]
+    xy = tokenizer.gpt2_to_model[torch.stack(rows)]
     x, y = xy[:, :-1], xy[:, 1:]
     if device_type == 'cuda':
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
@@ -209,10 +213,7 @@ def get_batch(split, g, src=None):
 
 # -- model ----------------------------------------------------------------------
 if model_type == 'transformer':
-    model_args = asdict(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
-                                  vocab_size=vocab_size, dropout=dropout, norm=norm, norm_position=norm_position,
-                                  pos_emb=pos_emb, attention=attention, chunk_size=chunk_size))
-    # (every field of GPTConfig, so that a checkpoint rebuilds exactly this model)
+    model_args = asdict(replace(gpt_config, vocab_size=vocab_size))  # every field: a checkpoint rebuilds this model
 elif model_type == 'lstm':
     model_args = dict(vocab_size=vocab_size, embed_size=embed_size, hidden_size=hidden_size)
 elif model_type == 'kgram_mlp':
@@ -221,7 +222,7 @@ checkpoint = None
 torch.manual_seed(seed)  # the initial weights (the same on every process)
 if init_from == 'resume':
     try:
-        _, checkpoint = load_checkpoint(ckpt_path)
+        model, checkpoint = load_checkpoint(ckpt_path)
     except (OSError, ValueError) as e:
         die(e)
     if model_type == 'gpt2':
@@ -250,11 +251,10 @@ if model_type == 'gpt2' and init_from == 'scratch':
     model_args = asdict(replace(model.config, block_size=block_size, dropout=dropout))
     model = build_model('gpt2', model_args)
     model.load_state_dict(sd)
-else:
+elif init_from == 'scratch':
     model = build_model(model_type, model_args)
-if checkpoint is not None:
-    model.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()})
 model.to(device)
+fast_cpu.optimize(model)  # evaluation and samples on CPU take the fast inference kernels; training is unchanged
 n_params = sum(p.numel() for p in model.parameters())
 
 # AdamW (Loshchilov & Hutter 2019); weight decay on matrices and embeddings, not on biases and norm gains
@@ -275,7 +275,6 @@ if compile:
     model = torch.compile(model)
 if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
-tokenizer = Tokenizer(id_map)
 
 
 def get_lr(it):
@@ -323,15 +322,13 @@ def samples():
     return out
 
 
-def save_checkpoint():
-    """Write out_dir/ckpt.pt atomically: a temporary file, then a rename, so a crash never leaves half a file."""
-    ckpt = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), model_type=model_type,
-                model_args=model_args, iter_num=iter_num, best_val_loss=best_val_loss, config=config,
-                tokenizer=dict(name='gpt2', id_map=id_map), tokens_seen=tokens_seen, time_s=elapsed(),
-                log_state=[float(loss_sum), iters_since_log])  # the mean loss of the next log line, so far
-    tmp = ckpt_path + '.tmp'
-    torch.save(ckpt, tmp)
-    os.replace(tmp, ckpt_path)
+def checkpoint_now():
+    """Everything a resume needs to continue exactly, written atomically to out_dir/ckpt.pt."""
+    save_checkpoint(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), model_type=model_type,
+                         model_args=model_args, iter_num=iter_num, best_val_loss=best_val_loss, config=config,
+                         tokenizer=dict(name='gpt2', id_map=id_map), tokens_seen=tokens_seen, time_s=elapsed(),
+                         log_state=[float(loss_sum), iters_since_log]),  # the mean loss of the next log line, so far
+                    ckpt_path)
 
 
 def elapsed():
@@ -351,25 +348,12 @@ def log_row(**row):
 
 
 def plot_losses():
-    """out_dir/loss.png: train and val loss against tokens seen (skipped without matplotlib)."""
+    """out_dir/loss.png, with plot.py's figure (skipped without matplotlib)."""
     try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
+        plot_runs([(os.path.basename(os.path.normpath(out_dir)), read_log(out_dir))], os.path.join(out_dir, 'loss.png'),
+                  title=f"{model_type} in {out_dir}")
     except ImportError:
-        return
-    with open(log_path) as f:
-        rows = list(csv.DictReader(f))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    steps = [r for r in rows if not r['val_loss']]  # per-step training losses (evaluation rows carry val_loss)
-    evals = [r for r in rows if r['val_loss']]
-    ax.plot([int(r['tokens']) for r in steps], [float(r['train_loss']) for r in steps], '-', label='train loss')
-    ax.plot([int(r['tokens']) for r in evals], [float(r['val_loss']) for r in evals], 'o-', ms=3, label='val loss')
-    ax.set(xlabel='tokens seen', ylabel='loss (nats per token)', title=f"{model_type} in {out_dir}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, 'loss.png'), dpi=100)
-    plt.close(fig)
+        pass
 
 
 if master:
@@ -431,10 +415,10 @@ while True:
                        for s in sources if len(sources) > 1})
             best_val_loss = min(best_val_loss, losses['val'])
             if (always_save_checkpoint or losses['val'] <= best_val_loss) and iter_num > start_iter and not eval_only:
-                save_checkpoint()  # (not at the iteration the run started from: nothing has changed yet)
+                checkpoint_now()  # (not at the iteration the run started from: nothing has changed yet)
             plot_losses()
         if master and stop_requested and iter_num > start_iter:
-            save_checkpoint()
+            checkpoint_now()
             print(f"saved {ckpt_path} at iteration {iter_num}", file=sys.stderr)
         if eval_only or iter_num >= max_iters or stop_requested:
             break

@@ -18,7 +18,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-from model import cache_dir, gpt2_encoding, hub_download  # noqa: E402
+from load import cache_dir, gpt2_encoding, hub_download  # noqa: E402
 
 # -----------------------------------------------------------------------------
 source = 'tinystories'  # 'tinystories' (the bundled slice), 'tinystories_hub' (download the full dataset), or text file(s), comma-separated

@@ -78,6 +78,17 @@ def hf_plain(tmp_path_factory):
     return str(folder), hf
 
 
+@torch.no_grad()
+def greedy_reference(model, idx, n):
+    """nanoGPT's generation loop, greedy and without a cache: at every step the whole text (its last
+    block_size tokens, for a model with a context limit) goes through forward again. The reference that
+    every cached or stateful generate must equal."""
+    for _ in range(n):
+        context = idx if model.block_size is None else idx[:, -model.block_size:]
+        idx = torch.cat([idx, model(context)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+    return idx
+
+
 def run_script(script, *args, cwd=None, env=None, timeout=300):
     """Run one of our scripts as a user would; returns the CompletedProcess (text mode)."""
     full_env = {**os.environ, **(env or {})}

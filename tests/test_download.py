@@ -5,7 +5,8 @@ import os
 import pytest
 import torch
 
-from model import GPT, cache_dir, hub_download, load_model
+from load import cache_dir, hub_download, load_model
+from model import GPT
 
 
 def cached(repo, name):

@@ -6,8 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import model as M
-from model import GPT, Linear, load_model
+import fast_cpu
+from conftest import greedy_reference
+from fast_cpu import CPULinear
+from load import load_model
+from model import GPT
 
 HALF = [torch.float16, torch.bfloat16]
 
@@ -19,10 +22,10 @@ def rel_err(a, b):
 @pytest.mark.parametrize('dtype', [torch.float32] + HALF)
 @pytest.mark.parametrize('rows', [1, 5])
 def test_linear_paths_equal_f_linear(dtype, rows):
-    """Every CPU inference kernel Linear picks (oneDNN, float16's one-row kernel, float16 upcast for many
+    """Every CPU inference kernel CPULinear picks (oneDNN, float16's one-row kernel, float16 upcast for many
     rows) computes what F.linear computes in float64."""
     torch.manual_seed(0)
-    lin = Linear(96, 40).to(dtype)
+    lin = CPULinear(96, 40).to(dtype)
     x = torch.randn(1, rows, 96).to(dtype)
     ref = F.linear(x.double(), lin.weight.double(), lin.bias.double())
     with torch.no_grad():
@@ -34,8 +37,8 @@ def test_linear_paths_equal_f_linear(dtype, rows):
 @pytest.mark.parametrize('dtype', HALF)
 def test_half_precision_logits_close_to_float32(hf_plain, dtype):
     folder, _ = hf_plain
-    full = GPT.from_pretrained(folder).eval()
-    half = copy.deepcopy(full).to(dtype)
+    full = fast_cpu.optimize(GPT.from_pretrained(folder).eval())
+    half = fast_cpu.optimize(copy.deepcopy(full).to(dtype))
     idx = torch.randint(0, 50257, (3, 24))
     with torch.no_grad():
         ref, out = full(idx)[0][:, -1], half(idx)[0][:, -1]
@@ -46,15 +49,11 @@ def test_half_precision_logits_close_to_float32(hf_plain, dtype):
 @pytest.mark.parametrize('dtype', [torch.float32] + HALF)
 def test_kv_cache_greedy_equals_recompute_in_every_dtype(hf_tiny, dtype):
     folder, _ = hf_tiny
-    model = GPT.from_pretrained(folder).eval().to(dtype)
+    model = fast_cpu.optimize(GPT.from_pretrained(folder).eval().to(dtype))
     idx = torch.randint(0, 50257, (2, 5))
     out = model.generate(idx, 40, temperature=0)  # past block_size (32) too
-    ref = idx
-    with torch.no_grad():
-        for _ in range(40):
-            ref = torch.cat([ref, model(ref[:, -32:])[0][:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(out, ref)
-    assert model.transformer.h[0].attn.kv_cache is None  # freed after generation
+    assert torch.equal(out, greedy_reference(model, idx, 40))
+    assert model.transformer.h[0].attn.cache is None  # freed after generation
 
 
 @pytest.mark.parametrize('dtype', HALF)
@@ -63,15 +62,15 @@ def test_active_layers_and_loaders_after_to_dtype(hf_plain, tmp_path, dtype):
     idx = torch.randint(0, 50257, (1, 12))
     with torch.no_grad():
         ref_even = GPT.from_pretrained(folder, active_layers='even').eval()(idx)[0]
-        pruned = GPT.from_pretrained(folder, active_layers='even').eval().to(dtype)
+        pruned = fast_cpu.optimize(GPT.from_pretrained(folder, active_layers='even').eval().to(dtype))
         assert rel_err(pruned(idx)[0], ref_even) < 0.02
-        later = GPT.from_pretrained(folder).eval().to(dtype).prune_layers('even')  # prune after the cast
+        later = fast_cpu.optimize(GPT.from_pretrained(folder).eval().to(dtype)).prune_layers('even')  # prune after
         assert later.layer_ids == [0, 2] and rel_err(later(idx)[0], ref_even) < 0.02
     # a checkpoint, loaded and cast, generates like its float32 self
     model = GPT.from_pretrained(folder)
     torch.save({'model': model.state_dict(), 'model_args': vars(model.config), 'model_type': 'gpt'}, tmp_path / 'ckpt.pt')
     loaded, _, _ = load_model('resume', str(tmp_path), active_layers='0-1')
-    loaded = loaded.eval().to(dtype)
+    loaded = fast_cpu.optimize(loaded.eval().to(dtype))
     assert loaded.lm_head.weight.dtype == dtype and loaded.transformer.wte.weight is loaded.lm_head.weight
     out = loaded.generate(idx, 10, temperature=0)
     assert out.shape == (1, 22)
@@ -79,17 +78,17 @@ def test_active_layers_and_loaders_after_to_dtype(hf_plain, tmp_path, dtype):
 
 def test_compile_decode_generates_the_same_tokens(hf_tiny):
     folder, _ = hf_tiny
-    model = GPT.from_pretrained(folder).eval()
+    model = fast_cpu.optimize(GPT.from_pretrained(folder).eval())
     idx = torch.randint(0, 50257, (1, 6))
     ref = model.generate(idx, 30, temperature=0)
-    assert model.compile_decode(), "torch.compile failed: is a C++ compiler installed?"
-    assert all(m.one_row is not None for m in model.modules() if isinstance(m, Linear))
+    assert fast_cpu.compile_decode(model), "torch.compile failed: is a C++ compiler installed?"
+    assert all(m.one_row is not None for m in model.modules() if isinstance(m, torch.nn.Linear))
     assert torch.equal(model.generate(idx, 30, temperature=0), ref)
 
 
 def test_compile_decode_falls_back_without_a_compiler(hf_tiny, monkeypatch, capsys):
     folder, _ = hf_tiny
-    model = GPT.from_pretrained(folder).eval()
+    model = fast_cpu.optimize(GPT.from_pretrained(folder).eval())
     idx = torch.randint(0, 50257, (1, 6))
     ref = model.generate(idx, 10, temperature=0)
 
@@ -97,7 +96,7 @@ def test_compile_decode_falls_back_without_a_compiler(hf_tiny, monkeypatch, caps
         def fail(*a, **k):
             raise RuntimeError('no C++ compiler found')
         return fail
-    monkeypatch.setattr(M.torch, 'compile', no_compiler)
-    assert model.compile_decode() is False
+    monkeypatch.setattr(fast_cpu.torch, 'compile', no_compiler)
+    assert fast_cpu.compile_decode(model) is False
     assert 'torch.compile is not available here (RuntimeError); decoding runs uncompiled' in capsys.readouterr().err
     assert torch.equal(model.generate(idx, 10, temperature=0), ref)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import assert_one_line_error, block_matplotlib, run_script, script_functions
 
-from model import gpt2_encoding
+from load import gpt2_encoding
 
 TEXT = ("The cat sat on the mat. A dog ran after the ball in the park, and the children laughed. "
         "Science is the study of the natural world; a city is a large town. She loved the old book. ") * 12

@@ -7,8 +7,9 @@ import tiktoken
 import torch
 from conftest import assert_one_line_error, run_script
 
-import model
-from model import GPT, GPTConfig, gpt2_encoding, load_model
+import load
+from load import gpt2_encoding, load_model
+from model import GPT, GPTConfig
 
 SEP = '---------------'
 
@@ -203,7 +204,7 @@ def test_tokenizer_offline_fallback_and_error(tmp_path, monkeypatch):
     # without those files and without network: one line that says how to fix it
     monkeypatch.setenv('TIKTOKEN_CACHE_DIR', str(tmp_path / 'empty2'))
     monkeypatch.setattr(tiktoken.registry, 'ENCODINGS', {})
-    monkeypatch.setattr(model, 'GPT2_BPE_FILES', {'vocab.bpe': 'missing.bpe', 'encoder.json': 'missing.json'})
+    monkeypatch.setattr(load, 'GPT2_BPE_FILES', {'vocab.bpe': 'missing.bpe', 'encoder.json': 'missing.json'})
 
     def offline(*a, **k):
         raise __import__('requests').ConnectionError('no network')

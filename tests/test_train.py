@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import ROOT, assert_one_line_error, run_script
 
-from model import gpt2_encoding, load_model
+from load import gpt2_encoding, load_model
 
 TINY = ['--n_layer=1', '--n_head=2', '--n_embd=32', '--block_size=16', '--batch_size=4', '--embed_size=16',
         '--hidden_size=16', '--eval_iters=4', '--log_interval=5', '--learning_rate=3e-3', '--warmup_iters=5',

@@ -4,7 +4,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_one_line_error, run_script
+from conftest import assert_one_line_error, greedy_reference, run_script
 
 from model import (GPT, GPTConfig, apply_rope, linear_attention_chunked, linear_attention_recurrent,
                    rope_tables)
@@ -86,11 +86,7 @@ def test_greedy_generate_equals_recompute(pos_emb, norm, norm_position, attentio
     model = trained(config)
     prompt = counting_batch(2, 12)
     out = model.generate(prompt, 25, temperature=0)
-    ref = prompt
-    with torch.no_grad():
-        for _ in range(25):
-            ref = torch.cat([ref, model(ref[:, -20:])[0][:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(out, ref)
+    assert torch.equal(out, greedy_reference(model, prompt, 25))
     assert len(set(out[0, 12:].tolist())) > 3  # decoding varies: the state and positions matter
 
 
@@ -125,18 +121,22 @@ def test_attention_weights_reproduce_the_attention(attention):
     rope = (model.rope_cos[:11], model.rope_sin[:11])
     w = attn.weights(x, rope)
     assert w.shape == (2, 2, 11, 11) and torch.all(w.triu(1) == 0)
-    q, k, v = attn.qkv(x, rope)
     if attention == 'softmax':
+        q, k, v = attn.qkv(x, rope)
         assert torch.allclose(w.sum(-1), torch.ones(2, 2, 11, dtype=torch.float64))
         assert torch.allclose(w @ v, F.scaled_dot_product_attention(q, k, v, is_causal=True))
-    elif attention == 'linear':  # with RoPE the numerator's features are rotated, the normalizer's are not
-        assert q.size(1) == 4 and torch.all(v[:, 2:] == 1)  # 2 heads, then 2 normalizer heads
-        assert torch.allclose(w @ v[:, :2], attn.normalize(linear_attention_chunked(q, k, v, None, 4)[0]))
+        return
+    q, k, v = attn.qkv(x)
+    rq, rk = apply_rope(q, *rope), apply_rope(k, *rope)
+    if attention == 'linear':  # with RoPE the numerator's features are rotated, the normalizer's are not
+        numerator = linear_attention_chunked(rq, rk, v, None, 4)[0]
+        normalizer = linear_attention_chunked(q, k, torch.ones_like(v[..., :1]), None, 4)[0]
+        assert torch.allclose(w @ v, numerator / normalizer)
         plain = attn.weights(x)  # without RoPE, rows are convex weights
         assert torch.allclose(plain.sum(-1), torch.ones(2, 2, 11, dtype=torch.float64)) and plain.min() >= 0
     else:
-        log_decay = attn.heads(F.logsigmoid(attn.gate_proj(x)) / 16)
-        assert torch.allclose(w @ v, linear_attention_chunked(q, k, v, log_decay, 4)[0])
+        log_decay = (F.logsigmoid(attn.gate_proj(x)) / 16).view(2, 11, 2, -1).transpose(1, 2)
+        assert torch.allclose(w @ v, linear_attention_chunked(rq, rk, v, log_decay, 4)[0])
 
 
 def test_parameter_counts_match_across_attention_kinds():
