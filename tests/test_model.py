@@ -184,3 +184,33 @@ def test_folder_errors(hf_tiny, tmp_path):
     (only_config / 'config.json').write_text('{"model_type": "llama"}')
     with pytest.raises(ValueError, match='only GPT-2 architecture'):
         GPT.from_pretrained(str(only_config))
+
+
+def test_model_py_alone_builds_every_architecture_and_loads_a_local_folder(hf_tiny, tmp_path):
+    """model.py copied into an empty folder, as a student forks it: it imports no other file of this repo and
+    still loads GPT-2 from a local folder, with transformers' logits."""
+    import subprocess
+    import sys
+    folder, hf = hf_tiny
+    shutil.copy(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'model.py'), tmp_path)
+    idx = torch.randint(0, 50257, (1, 12))
+    with torch.no_grad():
+        torch.save(hf(idx).logits, tmp_path / 'ref.pt')
+    code = f"""
+import sys, torch
+from model import GPT, TransformerModel, LSTMSeqModel, KGramMLPSeqModel, GPTConfig
+for kind in ('softmax', 'linear', 'gla'):
+    GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=50, block_size=8, attention=kind))
+TransformerModel(50, 16, 2, 1, 8), LSTMSeqModel(50, 8, 8), KGramMLPSeqModel(50, 2, 8, 1)
+model = GPT.from_pretrained({folder!r}).eval()
+with torch.no_grad():
+    out = model(torch.tensor({idx.tolist()}))[0]
+ref = torch.load('ref.pt', weights_only=True)
+assert ((out - ref).norm() / ref.norm()).item() < 1e-5
+others = [m for m in ('load', 'fast_cpu', 'requests', 'tiktoken') if m in sys.modules]
+assert not others, others
+print('ok')
+"""
+    proc = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k != 'PYTHONPATH'})
+    assert proc.returncode == 0 and proc.stdout.strip() == 'ok', proc.stderr
