@@ -23,7 +23,8 @@ def _configure(g):
 
     script = os.path.basename(_sys.argv[0])
     plain = (bool, int, float, str, tuple, list, type(None))
-    settings = [k for k, v in g.items() if not k.startswith('_') and isinstance(v, plain)]
+    # settings are the script's lowercase globals of plain types (ALL_CAPS names are constants, not settings)
+    settings = [k for k, v in g.items() if not k.startswith('_') and not k.isupper() and isinstance(v, plain)]
     annotations = g.get('__annotations__', {})
 
     def die(msg):

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import fast_cpu
-from load import load_model
+from load import find_data_folder, load_model, read_data_folder
 from model import GPT, LSTMSeqModel
 
 # -----------------------------------------------------------------------------
@@ -31,7 +31,7 @@ prompt = 'Once upon a time, there was a little girl named Lily. She loved to pla
 attention_png: str | None = 'attention.png'  # write every head's pattern for the prompt here (None: skip)
 sae = False  # train a sparse autoencoder on one layer's activations
 sae_layer = -1  # the block whose output (residual stream) it reads; -1: the last (an LSTM: its hidden state)
-sae_data = 'data/tinystories'  # its tokens: a data folder made by data/prepare.py (train.bin), or a text file
+sae_data = 'tinystories'  # its tokens: a data folder (a path, or NAME for data/NAME; bundled ones prepare themselves), or a text file
 sae_tokens = 200000  # activations to train on
 sae_eval_tokens = 20000  # held-out activations for the metrics and the feature pages
 sae_features = 1024  # dictionary size
@@ -62,8 +62,12 @@ if attention_png:
         import matplotlib.pyplot as plt
     except ImportError:
         die("attention maps need matplotlib, which is not installed: pip install matplotlib (or --attention_png=None)")
-if sae and not (os.path.isdir(sae_data) or os.path.isfile(sae_data)):
-    die(f"sae_data {sae_data!r} not found (a data folder from data/prepare.py, or a text file)")
+sae_folder = None
+if sae and not os.path.isfile(sae_data):
+    try:
+        sae_folder = find_data_folder(sae_data)
+    except FileNotFoundError as e:
+        die(f"sae_data: {e} (or give a text file)")
 torch.manual_seed(seed)
 try:
     model, tokenizer, _ = load_model(init_from, out_dir)
@@ -154,15 +158,18 @@ def loss_with(idx, replace=None):
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), idx[:, 1:].reshape(-1)).item()
 
 
-# tokens: a data folder's train.bin (GPT-2 ids, mapped into the model's vocabulary) or a text file
-if os.path.isdir(sae_data):
-    path = os.path.join(sae_data, 'train.bin')
-    if not os.path.exists(path):
-        die(f"data folder {sae_data!r} has no train.bin (make it with data/prepare.py)")
-    gpt2_ids = np.memmap(path, dtype=np.uint16, mode='r')[:sae_tokens + sae_eval_tokens + context_len].tolist()
-    ids = tokenizer.to_model_ids(gpt2_ids)
-    if ids is None:
-        die(f"{sae_data} has tokens this model's compacted vocabulary lacks; use the data it was trained on")
+# tokens: a data folder's train.bin (its ids mapped into the model's vocabulary) or a text file
+if sae_folder:
+    try:
+        vocab, splits = read_data_folder(sae_folder)
+        table = tokenizer.table(vocab)
+    except (OSError, ValueError) as e:
+        die(f"sae_data {sae_folder}: {e}")
+    ids = table[torch.from_numpy(splits['train'][:sae_tokens + sae_eval_tokens + context_len].astype(np.int64))]
+    if (ids < 0).any():
+        die(f"{sae_data} has tokens this model's vocabulary ({tokenizer.describe()}) lacks; use the data it was "
+            f"trained on")
+    ids = ids.tolist()
 else:
     with open(sae_data, encoding='utf-8') as f:
         try:

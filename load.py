@@ -1,22 +1,29 @@
 """
-Bytes into and out of models, beside model.py (which knows nothing of them): downloads from the Hub,
-checkpoints, the tokenizer, and load_model(init_from), the model every script starts from.
+Bytes into and out of models, beside model.py (which knows nothing of them): downloads from the Hub and the
+Hugging Face cache, checkpoints, tokenizers (GPT-2's BPE, compacted id maps, nanoGPT's character vocabularies),
+data folders, export to the Hub's layout, and load_model(init_from), the model every script starts from.
 The two weight readers GPT.from_pretrained needs, load_safetensors and safe_torch_load, are model.py's, so
 that model.py alone still loads a local folder; everything here uses them.
 """
 
 import hashlib
+import json
 import os
+import pickle
 import re
 import sys
 import tempfile
 import time
 from dataclasses import fields
 
+import numpy as np
 import torch
 import torch.nn as nn
 
-from model import GPT, GPTConfig, KGramMLPSeqModel, LSTMSeqModel, safe_torch_load
+from model import (CONV1D, GPT, HF_ACTIVATIONS, SAFETENSORS_DTYPES, GPTConfig, KGramMLPSeqModel, LSTMSeqModel,
+                   safe_torch_load)
+
+ROOT = os.path.dirname(os.path.abspath(__file__))  # this repo: data/ holds the bundled data and BPE files
 
 # -----------------------------------------------------------------------------
 # The Hub
@@ -30,13 +37,37 @@ def cache_dir():
     return os.path.join(os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'gpt-lab')
 
 
+def hf_cache_snapshot(repo):
+    """The folder of a complete snapshot of a model repo in the Hugging Face cache, or None. The cache lives at
+    $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub, laid out as models--org--name/ with
+    refs/main (the commit) and snapshots/<commit>/ (links to the files). It is only ever read."""
+    hub = os.environ.get('HF_HUB_CACHE') or os.path.join(
+        os.environ.get('HF_HOME') or os.path.join(os.path.expanduser('~'), '.cache', 'huggingface'), 'hub')
+    repo_dir = os.path.join(hub, 'models--' + repo.replace('/', '--'))
+    try:
+        with open(os.path.join(repo_dir, 'refs', 'main')) as f:
+            commit = f.read().strip()
+    except OSError:
+        return None
+    folder = os.path.join(repo_dir, 'snapshots', commit)
+    # complete: config.json and a weight file whose links resolve (a download still under way has no link yet)
+    if re.fullmatch(r'[0-9a-f]{40}', commit) and os.path.isfile(os.path.join(folder, 'config.json')) and any(
+            os.path.isfile(os.path.join(folder, f)) for f in ('model.safetensors', 'pytorch_model.bin')):
+        return folder
+    return None
+
+
 def hub_snapshot(name):
-    """A local folder with the repo's config.json and weights, downloaded once from the Hub (or
-    $HF_ENDPOINT). A second call finds the files in the cache and touches no network."""
+    """A local folder with a Hub repo's config.json and weights: a complete snapshot in the Hugging Face cache
+    if there is one, else our own cache, downloaded once from the Hub (or $HF_ENDPOINT). A second call finds
+    the files and touches no network."""
     repo = GPT2_NAMES.get(name, name)
     if not re.fullmatch(r'[\w.-]+/[\w.-]+', repo) or '..' in repo:
         raise ValueError(f"init_from={name!r} is not a GPT-2 name ({', '.join(GPT2_NAMES)}), a Hub repo id "
                          f"(org/name), an existing folder, or a .pt checkpoint")
+    cached = hf_cache_snapshot(repo)
+    if cached:
+        return cached
     folder = os.path.join(cache_dir(), 'hub', repo.replace('/', '--'))
     hub_download(repo, 'config.json', folder)
     if not any(os.path.exists(os.path.join(folder, f)) for f in ('model.safetensors', 'pytorch_model.bin')):
@@ -238,44 +269,443 @@ def gpt2_encoding():
 
 
 class Tokenizer:
-    """GPT-2's BPE. A model trained on a compacted vocabulary (data/prepare.py --compact_vocab=True) knows
-    only the GPT-2 ids of its training data: its token i is GPT-2's token id_map[i], and gpt2_to_model, a
-    table of GPT-2's 50,257 ids, holds each one's model id (-1 where the vocabulary lacks it)."""
+    """Text to a model's token ids and back, for the three vocabularies a model here can have:
+    - GPT-2's BPE (tiktoken): the 50,257 ids as they are;
+    - GPT-2's BPE compacted to the ids of the training data (data/prepare.py --compact_vocab=True): the model's
+      token i is GPT-2's token id_map[i];
+    - characters (nanoGPT's shakespeare_char, data/prepare.py --tokenizer=char): token i is the string chars[i].
+    Data folders hold GPT-2 ids (compacted or not) or their own character ids; table(vocab) maps those to the
+    model's ids (-1 where the model lacks one)."""
 
-    def __init__(self, id_map=None):
-        self.enc = gpt2_encoding()
+    def __init__(self, id_map=None, chars=None):
         self.id_map = None if id_map is None else list(id_map)
+        self.chars = None if chars is None else list(chars)
+        if self.chars is not None:
+            self.enc, self.n_vocab = None, len(self.chars)
+            self.stoi = {c: i for i, c in enumerate(self.chars)}
+            return
+        self.enc = gpt2_encoding()
         self.n_vocab = self.enc.n_vocab if id_map is None else len(self.id_map)
+        # GPT-2 id -> model id: one table, for encoding text and for mapping data folders' ids
         self.gpt2_to_model = torch.arange(self.enc.n_vocab) if id_map is None else \
             torch.full((self.enc.n_vocab,), -1).index_put_((torch.tensor(self.id_map, dtype=torch.long),),
                                                            torch.arange(len(self.id_map)))
 
-    def to_model_ids(self, gpt2_ids):
-        """The model's ids of these GPT-2 ids, or None if the vocabulary lacks any of them."""
-        ids = self.gpt2_to_model[torch.as_tensor(gpt2_ids, dtype=torch.long)].tolist()
+    @classmethod
+    def from_spec(cls, spec):
+        """The tokenizer a checkpoint or data folder names: {'name': 'gpt2', 'id_map': ...} or {'name': 'char',
+        'chars': [...]}."""
+        if spec.get('name', 'gpt2') == 'char' and isinstance(spec.get('chars'), list):
+            return cls(chars=spec['chars'])
+        if spec.get('name', 'gpt2') == 'gpt2':
+            return cls(id_map=spec.get('id_map'))
+        raise ValueError(f"tokenizer {spec.get('name')!r} is not supported (gpt2, or char with its list of chars)")
+
+    def spec(self):
+        return dict(name='char', chars=self.chars) if self.chars is not None else dict(name='gpt2', id_map=self.id_map)
+
+    def describe(self):
+        if self.chars is not None:
+            return f"{self.n_vocab} characters"
+        return f"GPT-2's BPE, {self.n_vocab} tokens" + (" (compacted)" if self.id_map is not None else "")
+
+    def split(self, text):
+        """(base ids, pieces) of text: GPT-2 ids and their strings, or the model's character ids (None for a
+        character the vocabulary lacks) and the characters."""
+        if self.chars is not None:
+            return [self.stoi.get(c) for c in text], list(text)
+        ids = self.enc.encode(text, allowed_special={'<|endoftext|>'})
+        return ids, [self.piece(i) for i in ids]
+
+    def piece(self, base_id):
+        if self.chars is not None:
+            return self.chars[base_id]
+        return self.enc.decode_single_token_bytes(base_id).decode('utf-8', errors='replace')
+
+    def row_ids(self):
+        """The base id (GPT-2 id, or character id) of each of the model's token ids."""
+        return self.id_map if self.id_map is not None else list(range(self.n_vocab))
+
+    def to_model_ids(self, base_ids):
+        """The model's ids of these base ids (see split), or None if the vocabulary lacks any of them."""
+        if self.chars is not None:
+            return None if any(i is None or not 0 <= i < self.n_vocab for i in base_ids) else list(base_ids)
+        ids = self.gpt2_to_model[torch.as_tensor(list(base_ids), dtype=torch.long)].tolist()
         return None if -1 in ids else ids
 
     def encode(self, text):
-        gpt2_ids = self.enc.encode(text, allowed_special={'<|endoftext|>'})
-        ids = self.to_model_ids(gpt2_ids)
+        base_ids, pieces = self.split(text)
+        ids = self.to_model_ids(base_ids)
         if ids is None:
-            missing = next(i for i in gpt2_ids if self.gpt2_to_model[i] < 0)
-            raise ValueError(f"{self.enc.decode([missing])!r} is not in this model's {self.n_vocab}-token "
-                             f"vocabulary (compacted to the tokens of its training data)")
+            missing = next(p for i, p in zip(base_ids, pieces) if self.to_model_ids([i]) is None)
+            raise ValueError(f"{missing!r} is not in this model's vocabulary ({self.describe()}"
+                             f"{', compacted to the tokens of its training data' if self.id_map else ''})")
         return ids
 
-    def to_gpt2(self, ids):
-        return list(ids) if self.id_map is None else [self.id_map[i] for i in ids]
-
     def decode(self, ids):
-        return self.enc.decode(self.to_gpt2(ids))
+        if self.chars is not None:
+            return ''.join(self.chars[i] for i in ids)
+        return self.enc.decode(list(ids) if self.id_map is None else [self.id_map[i] for i in ids])
 
     def token_bytes(self, i):
-        return self.enc.decode_single_token_bytes(self.to_gpt2([i])[0])
+        if self.chars is not None:
+            return self.chars[i].encode('utf-8')
+        return self.enc.decode_single_token_bytes(i if self.id_map is None else self.id_map[i])
+
+    def table(self, vocab):
+        """The model id of each id in a data folder whose vocabulary is vocab (see read_data_folder), -1 where
+        this tokenizer lacks it: GPT-2 ids through the compacted map, characters by their string."""
+        if vocab['name'] != ('char' if self.chars is not None else 'gpt2'):
+            raise ValueError(f"its tokens are {'characters' if vocab['name'] == 'char' else 'GPT-2 BPE ids'} but the "
+                             f"model's vocabulary is {self.describe()}")
+        if self.chars is not None:
+            return torch.tensor([self.stoi.get(c, -1) for c in vocab['chars']], dtype=torch.long)
+        return self.gpt2_to_model
+
+
+class PlainUnpickler(pickle.Unpickler):
+    """An unpickler that builds plain data only: it refuses every global (a class or function, which is how a
+    pickle runs code), so loading a file from the internet runs nothing."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"it names {module}.{name}, and only dicts, ints and strings are accepted")
+
+
+def read_meta_pkl(path):
+    """The characters of a nanoGPT char-level meta.pkl ({'vocab_size': n, 'stoi': {ch: i}, 'itos': {i: ch}}),
+    as a list by id. Read with PlainUnpickler, then checked to hold only dicts, ints and strings that agree."""
+    def plain(x):
+        if isinstance(x, dict):
+            return all(plain(k) and plain(v) for k, v in x.items())
+        return type(x) in (int, str)
+    try:
+        with open(path, 'rb') as f:
+            meta = PlainUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            MemoryError) as e:
+        raise ValueError(f"{path}: refused: {e}") from None
+    if not plain(meta):
+        raise ValueError(f"{path}: refused: it holds more than dicts, ints and strings")
+    itos, stoi, n = meta.get('itos'), meta.get('stoi'), meta.get('vocab_size')
+    if not (isinstance(itos, dict) and isinstance(stoi, dict) and isinstance(n, int) and sorted(itos) == list(range(n))
+            and all(isinstance(c, str) and stoi.get(c) == i for i, c in itos.items())):
+        raise ValueError(f"{path} is not a char-level vocabulary nanoGPT would write: it needs vocab_size, and itos "
+                         f"(ids 0..vocab_size-1) and stoi that invert each other")
+    return [itos[i] for i in range(n)]
+
+
+# -----------------------------------------------------------------------------
+# Data folders: train.bin and val.bin (uint16 token ids, as nanoGPT's) and what the ids mean
+
+EOT = '<|endoftext|>'
+BUNDLED = {  # data folders a fresh clone makes itself from the text in data/: name -> (source, data/prepare.py settings)
+    'tinystories': ('tinystories_slice.txt', {}),
+    'tinystories_compact': ('tinystories_slice.txt', dict(compact_vocab=True)),
+    '3seqs': ('3seqs.txt', {}),
+    '3seqs_compact': ('3seqs.txt', dict(compact_vocab=True)),
+    'shakespeare_char': ('tinyshakespeare.txt', dict(tokenizer='char')),
+}
+
+
+def find_data_folder(name):
+    """The data folder a setting names: a path, or nanoGPT's habit NAME for data/NAME (in the current folder,
+    then in this repo). A bundled one that does not exist yet is prepared here first, with one line saying so.
+    Raises FileNotFoundError, with the places it looked."""
+    tried = [name, os.path.join('data', name), os.path.join(ROOT, name), os.path.join(ROOT, 'data', name)]
+    for path in dict.fromkeys(tried):
+        if os.path.isdir(path):
+            return path
+    bundled = os.path.basename(os.path.normpath(name))
+    if bundled in BUNDLED and os.path.normpath(name) in (bundled, os.path.join('data', bundled)):
+        source, settings = BUNDLED[bundled]
+        out_dir = os.path.join(ROOT, 'data', bundled)
+        args = ''.join(f" --{k}={v}" for k, v in settings.items())
+        print(f"{name}: not prepared yet; preparing it from the bundled data/{source} (as python data/prepare.py "
+              f"--source=data/{source}{args} --out_dir=data/{bundled})", file=sys.stderr)
+        prepare_data([os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', source)], out_dir,
+                     source=f"data/{source}", quiet=True, **settings)
+        return out_dir
+    if os.path.isfile(name):
+        raise FileNotFoundError(f"{name} is a text file; prepare it first: python data/prepare.py --source={name}")
+    raise FileNotFoundError(f"data folder {name!r} not found (looked in {', '.join(dict.fromkeys(tried))}); make it "
+                            f"with data/prepare.py, or name one of the bundled: {', '.join(BUNDLED)}")
+
+
+def read_data_folder(folder):
+    """(vocab, {'train': ids, 'val': ids}) of a data folder, the ids memory-mapped. vocab says what the ids are:
+    {'name': 'gpt2', 'id_map': list or None} (our meta.json; a folder without meta, as nanoGPT's openwebtext,
+    holds GPT-2 ids) or {'name': 'char', 'chars': [...]} (meta.json, or nanoGPT's meta.pkl). Every id is checked
+    against that vocabulary, so a folder is refused with one line (ValueError) rather than trained on wrongly."""
+    for split in ('train', 'val'):
+        if not os.path.exists(os.path.join(folder, f'{split}.bin')):
+            raise FileNotFoundError(f"data folder {folder!r} has no {split}.bin (make it with data/prepare.py)")
+    meta, vocab = None, {'name': 'gpt2', 'id_map': None}
+    if os.path.exists(os.path.join(folder, 'meta.json')):
+        try:
+            with open(os.path.join(folder, 'meta.json')) as f:
+                meta = json.load(f)
+        except (ValueError, OSError) as e:
+            raise ValueError(f"{folder}/meta.json cannot be read ({e}); remake the folder with data/prepare.py") from None
+        if not isinstance(meta, dict) or meta.get('tokenizer', 'gpt2') not in ('gpt2', 'char') or not (
+                meta.get('id_map') is None or isinstance(meta['id_map'], list) and all(
+                    type(i) is int and 0 <= i < 50257 for i in meta['id_map'])) or meta.get('tokenizer') == 'char' and \
+                not (isinstance(meta.get('chars'), list) and all(isinstance(c, str) for c in meta['chars'])):
+            raise ValueError(f"{folder}/meta.json does not describe a vocabulary this repo knows (gpt2 with an optional "
+                             f"id_map of GPT-2 ids, or char with its chars); remake the folder with data/prepare.py")
+        vocab = {'name': 'char', 'chars': meta['chars']} if meta.get('tokenizer') == 'char' else \
+            {'name': 'gpt2', 'id_map': meta.get('id_map')}
+    elif os.path.exists(os.path.join(folder, 'meta.pkl')):
+        vocab = {'name': 'char', 'chars': read_meta_pkl(os.path.join(folder, 'meta.pkl'))}
+    data = {}
+    for split in ('train', 'val'):
+        path = os.path.join(folder, f'{split}.bin')
+        size = os.path.getsize(path)
+        if size % 2:
+            raise ValueError(f"{path} has {size} bytes, an odd number: it is not uint16 token ids (truncated?)")
+        data[split] = np.memmap(path, dtype=np.uint16, mode='r') if size else np.zeros(0, dtype=np.uint16)
+        if meta and meta.get(f'{split}_tokens') not in (None, size // 2):
+            raise ValueError(f"{path} has {size // 2} tokens but meta.json says {meta[f'{split}_tokens']}: the folder "
+                             f"is a mix of two preparations; remake it with data/prepare.py")
+        n_vocab = len(vocab['chars']) if vocab['name'] == 'char' else 50257
+        allowed = vocab.get('id_map')
+        counts = np.zeros(1 << 16, dtype=np.int64)  # how often each uint16 id occurs, read in pieces of 16M ids
+        for i in range(0, len(data[split]), 1 << 24):
+            counts += np.bincount(data[split][i:i + (1 << 24)], minlength=1 << 16)
+        used = np.flatnonzero(counts)
+        bad = used[used >= n_vocab] if allowed is None else np.setdiff1d(used, allowed)
+        if len(bad):
+            what = (f"{n_vocab} characters (meta.{'json' if meta else 'pkl'})" if vocab['name'] == 'char' else
+                    "GPT-2's 50,257 BPE tokens" if allowed is None else f"the {len(allowed)} ids of its meta.json id_map")
+            raise ValueError(f"{path} holds token id {int(bad[0])}, outside its vocabulary of {what}; was it made "
+                             f"with another tokenizer? remake it with data/prepare.py")
+    return vocab, data
+
+
+def merged_vocab(vocabs, full_gpt2=False):
+    """The one tokenizer for several data folders: GPT-2's (the union of compacted id maps, or all 50,257 ids
+    if any folder is not compacted or full_gpt2), or characters (the one list, or the union in order of first
+    appearance). Folders of characters and of BPE ids cannot be mixed (ValueError)."""
+    if len({v['name'] for v in vocabs}) > 1:
+        raise ValueError("the data folders mix character ids and GPT-2 BPE ids; train on folders of one tokenizer")
+    if vocabs[0]['name'] == 'char':
+        return Tokenizer(chars=list(dict.fromkeys(c for v in vocabs for c in v['chars'])))
+    maps = [v.get('id_map') for v in vocabs]
+    return Tokenizer(None if full_gpt2 or any(m is None for m in maps) else sorted(set().union(*maps)))
+
+
+def documents(path, layout):
+    """The documents of a text file, one at a time (a 2 GB file never sits in memory whole): separated by lines
+    '<|endoftext|>' ('documents', TinyStories' layout), or one per non-empty line ('lines', the course's)."""
+    doc = []
+    with open(path, encoding='utf-8') as f:
+        for line in f:
+            if layout == 'lines':
+                if line.strip():
+                    yield line.rstrip('\n')
+            elif line.strip() == EOT:
+                if doc:
+                    yield ''.join(doc).strip('\n')
+                doc = []
+            else:
+                doc.append(line)
+    if doc and ''.join(doc).strip():
+        yield ''.join(doc).strip('\n')
+
+
+def prepare_data(files, out_dir, tokenizer='gpt2', compact_vocab=False, format='auto', val_fraction=0.1,
+                 fixed_splits=None, source=None, quiet=False):
+    """Tokenize text files into a data folder for train.py (nanoGPT's layout: train.bin and val.bin of uint16
+    ids, plus meta.json, and nanoGPT's meta.pkl for characters). Every file is written to a temporary name and
+    renamed into place only when all are complete, meta.json last, so a failure leaves the folder as it was.
+    tokenizer 'gpt2': each document is followed by a separator (<|endoftext|>, or a newline for 'lines'), and a
+    val_fraction of the documents, spread evenly, is held out (or fixed_splits gives each file's split);
+    compact_vocab records the GPT-2 ids used. tokenizer 'char': the vocabulary is the text's sorted characters
+    and the last val_fraction of the text is held out, as nanoGPT's shakespeare_char."""
+    log = (lambda *a, **k: None) if quiet else (lambda *a, **k: print(*a, file=sys.stderr, **k))
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = {name: os.path.join(out_dir, f'{name}.tmp-{os.getpid()}')
+           for name in ('train.bin', 'val.bin', 'meta.json', 'meta.pkl')}
+    counts, n_docs, layouts = {'train': 0, 'val': 0}, {'train': 0, 'val': 0}, []
+    try:
+        if tokenizer == 'char':
+            text = ''.join(open(f, encoding='utf-8').read() for f in files)
+            chars = sorted(set(text))
+            if len(chars) > 65535:
+                raise ValueError(f"{len(chars)} distinct characters do not fit uint16 ids")
+            stoi = {c: i for i, c in enumerate(chars)}
+            ids = np.array([stoi[c] for c in text], dtype=np.uint16)
+            n_train = int(len(ids) * (1 - val_fraction))
+            for split, part in (('train', ids[:n_train]), ('val', ids[n_train:])):
+                part.tofile(tmp[f'{split}.bin'])
+                counts[split], n_docs[split] = len(part), 1
+            with open(tmp['meta.pkl'], 'wb') as f:  # nanoGPT's own format, so its sample.py reads the folder too
+                pickle.dump({'vocab_size': len(chars), 'itos': dict(enumerate(chars)), 'stoi': stoi}, f)
+            vocab = dict(tokenizer='char', chars=chars, vocab_size=len(chars))
+        else:
+            enc = gpt2_encoding()
+            used = np.zeros(enc.n_vocab, dtype=bool)  # which GPT-2 ids occur, for compact_vocab
+            outs = {s: open(tmp[f'{s}.bin'], 'wb') for s in ('train', 'val')}
+            with outs['train'], outs['val']:
+                for k, path in enumerate(files):
+                    with open(path, encoding='utf-8') as f:
+                        head = f.read(1 << 20)
+                    layout = format if format != 'auto' else 'documents' if EOT in head else 'lines'
+                    layouts.append(layout)
+                    sep = enc.eot_token if layout == 'documents' else enc.encode('\n')[0]
+                    batch, i = [], 0
+
+                    def flush(batch):
+                        for split, text in batch:
+                            ids = np.array(enc.encode_ordinary(text) + [sep], dtype=np.uint16)
+                            used[ids] = True
+                            outs[split].write(ids.tobytes())
+                            counts[split] += len(ids)
+                            n_docs[split] += 1
+                    for doc in documents(path, layout):
+                        # document i goes to val when floor(i * val_fraction) steps up at i: spread evenly
+                        split = fixed_splits[k] if fixed_splits else \
+                            'val' if int((i + 1) * val_fraction) > int(i * val_fraction) else 'train'
+                        batch.append((split, doc))
+                        i += 1
+                        if len(batch) == 10000:
+                            flush(batch)
+                            batch = []
+                            log(f"\r{path}: {i} documents, {counts['train'] + counts['val']} tokens", end='')
+                    flush(batch)
+                    log(f"\r{path}: {i} documents ({layout}), {counts['train'] + counts['val']} tokens so far")
+            id_map = np.flatnonzero(used).tolist() if compact_vocab else None
+            vocab = dict(tokenizer='gpt2', id_map=id_map, vocab_size=len(id_map) if compact_vocab else enc.n_vocab)
+        for split in ('train', 'val'):
+            if counts[split] == 0:
+                raise ValueError(f"the {split} split is empty: {sum(n_docs.values())} documents are too few for "
+                                 f"val_fraction={val_fraction}")
+        with open(tmp['meta.json'], 'w') as f:
+            json.dump(dict(**vocab, source=source or ','.join(files), layout=layouts or 'characters',
+                           train_tokens=counts['train'], val_tokens=counts['val'], train_documents=n_docs['train'],
+                           val_documents=n_docs['val']), f)
+        for name in ('train.bin', 'val.bin', 'meta.pkl', 'meta.json'):  # all written: into place, meta.json last
+            if os.path.exists(tmp[name]):
+                os.replace(tmp[name], os.path.join(out_dir, name))
+            elif name == 'meta.pkl' and os.path.exists(os.path.join(out_dir, name)):
+                os.remove(os.path.join(out_dir, name))  # a character vocabulary of an earlier preparation
+    finally:
+        for path in tmp.values():
+            if os.path.exists(path):
+                os.remove(path)
+    return vocab, counts, n_docs
+
+
+# -----------------------------------------------------------------------------
+# Export: a model in the Hub's layout (transformers' GPT2LMHeadModel), which transformers, the Hub and
+# llama.cpp's converter open
+
+SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+
+
+def save_safetensors(tensors, path):
+    """Write {name: tensor} as a .safetensors file (the format model.load_safetensors reads), to a temporary
+    file renamed into place."""
+    header, offset = {}, 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        header[name] = dict(dtype=SAFETENSORS_NAMES[t.dtype], shape=list(t.shape), data_offsets=[offset, offset + n])
+        offset += n
+    header['__metadata__'] = {'format': 'pt'}
+    raw = json.dumps(header, separators=(',', ':')).encode()
+    raw += b' ' * (-len(raw) % 8)  # the tensor bytes start 8-byte aligned (the format pads with spaces)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, 'wb') as f:
+            f.write(len(raw).to_bytes(8, 'little') + raw)
+            for t in tensors.values():
+                f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def hf_gpt2(model, tokenizer):
+    """(config.json dict, state dict) of a GPT in transformers' GPT2LMHeadModel layout, or ValueError naming
+    what that layout cannot express. The inverse of model.gpt2_from_hf_names: Conv1D weights go back to
+    (in, out), and a model without biases gets zero biases, which compute the same."""
+    if not isinstance(model, GPT):
+        raise ValueError(f"a {type(model).__name__} has no GPT-2 layout; only transformer models export")
+    c = model.config
+    differ = [f"{k}={getattr(c, k)!r}" for k, want in (('norm', 'layernorm'), ('norm_position', 'pre'),
+                                                       ('pos_emb', 'learned'), ('attention', 'softmax'))
+              if getattr(c, k) != want]
+    if differ:
+        raise ValueError(f"GPT-2's layout cannot express {', '.join(differ)} (it is layernorm, pre-norm, learned "
+                         f"positions, softmax attention)")
+    if tokenizer.id_map is not None:
+        raise ValueError(f"the vocabulary is compacted (an id_map of {tokenizer.n_vocab} GPT-2 ids), which GPT-2's "
+                         f"layout cannot express; train on a folder prepared without --compact_vocab")
+    sd = {k: v for k, v in model.state_dict().items() if k != 'lm_head.weight'}  # tied to wte, as GPT-2's
+    for k in list(sd):
+        if k.endswith(CONV1D):
+            sd[k] = sd[k].t()
+        if k.endswith('.weight') and not c.bias and not k.endswith(('wte.weight', 'wpe.weight')):
+            sd[k.removesuffix('weight') + 'bias'] = torch.zeros(sd[k].size(-1) if k.endswith(CONV1D) else sd[k].size(0),
+                                                                dtype=sd[k].dtype)
+    gpt2_vocab = tokenizer.chars is None
+    config = dict(architectures=['GPT2LMHeadModel'], model_type='gpt2', vocab_size=c.vocab_size,
+                  n_positions=c.block_size, n_ctx=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
+                  n_inner=None, activation_function={v: k for k, v in HF_ACTIVATIONS.items()}[c.activation],
+                  resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout, layer_norm_epsilon=c.norm_eps,
+                  initializer_range=0.02, scale_attn_weights=True, tie_word_embeddings=True, use_cache=True,
+                  bos_token_id=50256 if gpt2_vocab else None, eos_token_id=50256 if gpt2_vocab else None,
+                  torch_dtype=str(model.lm_head.weight.dtype).removeprefix('torch.'))
+    return config, sd
+
+
+def save_hf_folder(model, tokenizer, folder):
+    """Write model as a Hub-layout folder: config.json, model.safetensors and, for GPT-2's vocabulary, its
+    tokenizer files (vocab.json and merges.txt are data/'s gpt2-encoder.json and gpt2-vocab.bpe)."""
+    config, sd = hf_gpt2(model, tokenizer)
+    os.makedirs(folder, exist_ok=True)
+    save_safetensors(sd, os.path.join(folder, 'model.safetensors'))
+    files = {'config.json': config}
+    if tokenizer.chars is None:
+        special = '<|endoftext|>'
+        files['tokenizer_config.json'] = dict(tokenizer_class='GPT2Tokenizer', model_max_length=config['n_positions'],
+                                              bos_token=special, eos_token=special, unk_token=special,
+                                              add_prefix_space=False)
+        files['special_tokens_map.json'] = dict(bos_token=special, eos_token=special, unk_token=special)
+        for ours, theirs in (('gpt2-encoder.json', 'vocab.json'), ('gpt2-vocab.bpe', 'merges.txt')):
+            with open(os.path.join(ROOT, 'data', ours), 'rb') as fi, open(os.path.join(folder, theirs), 'wb') as fo:
+                fo.write(fi.read())
+    for name, content in files.items():
+        with open(os.path.join(folder, name), 'w') as f:
+            json.dump(content, f, indent=2)
+    return sorted(os.listdir(folder))
 
 
 # -----------------------------------------------------------------------------
 # The model every script starts from
+
+
+def checkpoint_tokenizer(ckpt, n_vocab, path):
+    """The tokenizer of a checkpoint: the one it names (ours), else, for nanoGPT's, the meta.pkl of the data
+    folder its config names, where nanoGPT's sample.py looks (data/<dataset>/meta.pkl, from the current folder;
+    then in this repo), else GPT-2's BPE. Refused when it has more tokens than the model's n_vocab (ValueError)."""
+    dataset = (ckpt.get('config') or {}).get('dataset') if isinstance(ckpt.get('config'), dict) else None
+    looked = []
+    if ckpt.get('tokenizer'):
+        tokenizer = Tokenizer.from_spec(ckpt['tokenizer'])
+    else:
+        tokenizer = None
+        if isinstance(dataset, str) and dataset:
+            looked = list(dict.fromkeys(os.path.join(d, 'data', dataset, 'meta.pkl') for d in ('.', ROOT)))
+            found = [m for m in looked if os.path.isfile(m)]
+            tokenizer = Tokenizer(chars=read_meta_pkl(found[0])) if found else None
+        tokenizer = tokenizer or Tokenizer()
+    if n_vocab < tokenizer.n_vocab:
+        where = f"; nanoGPT's sample.py reads {looked[0]}, which is not here (looked at {', '.join(looked)}): copy " \
+                f"that data folder here" if looked else ""
+        raise ValueError(f"{path}: the model's vocabulary has {n_vocab} tokens, fewer than its tokenizer's "
+                         f"({tokenizer.describe()}), and the checkpoint names no other{where}")
+    return tokenizer
 
 
 def load_model(init_from, out_dir='out', active_layers=None):
@@ -288,18 +718,12 @@ def load_model(init_from, out_dir='out', active_layers=None):
         init_from = os.path.join(out_dir, 'ckpt.pt')
     if init_from.endswith('.pt') or os.path.isfile(init_from):
         model, ckpt = load_checkpoint(init_from)
+        n_vocab = next(m for m in model.modules() if isinstance(m, nn.Embedding)).num_embeddings
+        tokenizer = checkpoint_tokenizer(ckpt, n_vocab, init_from)
         if active_layers is not None:
             if not isinstance(model, GPT):
                 raise ValueError(f"active_layers selects transformer blocks; this is a {type(model).__name__}")
             model.prune_layers(active_layers)
-        tok = ckpt.get('tokenizer') or {}
-        if tok.get('name', 'gpt2') != 'gpt2':
-            raise ValueError(f"{init_from}: tokenizer {tok['name']!r} is not supported (only gpt2)")
-        tokenizer = Tokenizer(tok.get('id_map'))
-        n_vocab = next(m for m in model.modules() if isinstance(m, nn.Embedding)).num_embeddings
-        if n_vocab < tokenizer.n_vocab:
-            raise ValueError(f"{init_from}: the model's vocabulary has {n_vocab} tokens and the checkpoint names no "
-                             f"id map for it; only GPT-2's {tokenizer.n_vocab}-token vocabulary (or an id map) works")
         return model, tokenizer, ckpt
     # a path whose parent folder exists locally is a folder the user meant, not a Hub repo id
     parent = os.path.dirname(os.path.normpath(init_from))

@@ -7,7 +7,6 @@ GPT-2's BPE makes " dog" (mid-sentence, with its leading space) and "dog" (start
 tokens, and splits rare words into several pieces, so every word is probed in both forms.
 """
 import json
-import math
 import os
 import sys
 
@@ -22,7 +21,7 @@ init_from = 'gpt2'  # 'resume', a .pt file, a GPT-2 name, a Hub repo id, or a lo
 out_dir = 'out'  # where init_from='resume' finds ckpt.pt
 words_common: str | tuple | list = 'dog,city,book,love,science'  # comma-separated words
 words_rare: str | tuple | list = 'xqzt,blorpt,thraldor,uvuvwevwe,zzzzz'  # comma-separated rare or made-up words
-subtoken = 'first'  # vector of a word split into several pieces: 'first' piece or 'mean' of the pieces
+subtoken: str | None = None  # vector of a word of several pieces: 'first' piece or 'mean' (None: 'first', 'mean' for characters)
 form = 'space'  # which form the cosine matrices compare: 'space' (" dog", mid-sentence) or 'start' ("dog")
 neighbours = 5  # nearest vocabulary tokens (by cosine) to list for each word
 out_json: str | None = None  # write every number to this JSON file
@@ -44,7 +43,7 @@ def word_list(name, value):
 
 
 groups = {'common': word_list('words_common', words_common), 'rare': word_list('words_rare', words_rare)}
-if subtoken not in ('first', 'mean'):
+if subtoken not in (None, 'first', 'mean'):
     die(f"subtoken={subtoken!r} must be 'first' or 'mean'")
 if form not in ('space', 'start'):
     die(f"form={form!r} must be 'space' or 'start'")
@@ -64,17 +63,13 @@ except (OSError, ValueError) as e:
     die(e)
 if not isinstance(model, GPT):
     die(f"init_from={init_from!r} is a {type(model).__name__}; the probe reads a GPT's token embeddings (wte)")
-enc = tokenizer.enc
-# the GPT-2 id of each wte row: all of GPT-2's ids, or the ids a compacted vocabulary kept. Rows past the
-# tokenizer's vocabulary (nanoGPT pads 50257 to 50304) are never used: leave them out.
-row_ids = tokenizer.id_map or list(range(enc.n_vocab))
+subtoken = subtoken or ('mean' if tokenizer.chars is not None else 'first')  # a character word's first piece is ' '
+# the base id of each wte row: all of GPT-2's ids, the ids a compacted vocabulary kept, or a character's id.
+# Rows past the tokenizer's vocabulary (nanoGPT pads 50257 to 50304) are never used: leave them out.
+row_ids = tokenizer.row_ids()
 wte = model.transformer.wte.weight.detach().float()[:len(row_ids)]
 norms = wte.norm(dim=1)
 unit = F.normalize(wte, dim=1)
-
-
-def piece(gpt2_id):
-    return enc.decode_single_token_bytes(gpt2_id).decode('utf-8', errors='replace')
 
 
 def spearman(a, b):
@@ -91,8 +86,8 @@ rows, vectors = [], {}
 for group, words in groups.items():
     for word in words:
         for f, text in (('space', ' ' + word), ('start', word)):
-            ids = enc.encode(text)
-            row = dict(word=word, group=group, form=f, ids=ids, pieces=[piece(i) for i in ids], n_pieces=len(ids),
+            ids, pieces = tokenizer.split(text)
+            row = dict(word=word, group=group, form=f, ids=ids, pieces=pieces, n_pieces=len(ids),
                        norm=None, norm_percentile=None, neighbours=[])
             rows.append(row)
             model_ids = tokenizer.to_model_ids(ids)
@@ -104,32 +99,27 @@ for group, words in groups.items():
             cos[model_ids] = -2.0  # a word's own pieces are not its neighbours
             top = torch.topk(cos, min(neighbours, len(cos)))
             row.update(norm=v.norm().item(), norm_percentile=100.0 * (norms <= v.norm()).float().mean().item(),
-                       neighbours=[dict(id=row_ids[i], piece=piece(row_ids[i]), cosine=c)
+                       neighbours=[dict(id=row_ids[i], piece=tokenizer.piece(row_ids[i]), cosine=c)
                                    for c, i in zip(top.values.tolist(), top.indices.tolist())])
             vectors[(group, word, f)] = v
 
 
 def cosine_matrix(a, b):
-    """Cosines between the vectors of keys a and b; NaN where a word is missing from the vocabulary."""
-    nan = torch.full((wte.size(1),), float('nan'))
-    va = F.normalize(torch.stack([nan if vectors[k] is None else vectors[k] for k in a]), dim=1)
-    vb = F.normalize(torch.stack([nan if vectors[k] is None else vectors[k] for k in b]), dim=1)
-    return va @ vb.T
+    """Cosines between the vectors of keys a and b (words in the vocabulary)."""
+    def unit(keys):
+        return F.normalize(torch.stack([vectors[k] for k in keys]), dim=1) if keys else torch.zeros(0, wte.size(1))
+    return unit(a) @ unit(b).T
 
 
 def mean_off_diagonal(m):
     off = m[~torch.eye(m.size(0), dtype=torch.bool)]
-    return off.nanmean().item() if len(off) else float('nan')
+    return off.mean().item() if len(off) else None
 
 
-def json_safe(x):
-    """NaN (a word missing from a compacted vocabulary) as null: JSON has no NaN."""
-    if isinstance(x, float) and math.isnan(x):
-        return None
-    return [json_safe(v) for v in x] if isinstance(x, list) else x
-
-
-keys = {g: [(g, w, form) for w in words] for g, words in groups.items()}
+# words whose pieces a (compacted or character) vocabulary lacks are left out of the cosines, and listed
+present = {g: [w for w in words if vectors[(g, w, form)] is not None] for g, words in groups.items()}
+missing = [w for g, words in groups.items() for w in words if w not in present[g]]
+keys = {g: [(g, w, form) for w in words] for g, words in present.items()}
 cos_common = cosine_matrix(keys['common'], keys['common'])
 cos_rare = cosine_matrix(keys['rare'], keys['rare'])
 cos_between = cosine_matrix(keys['common'], keys['rare'])
@@ -154,28 +144,35 @@ for r in rows:
 
 def show(name, m, row_words, col_words):
     print(f"\ncosine similarity, {name} ({form} form):")
-    print(' ' * 11 + ''.join(f"{w[:8]:>9}" for w in col_words))
-    for w, row in zip(row_words, m.tolist()):
-        print(f"{w[:10]:<11}" + ''.join(f"{c:9.3f}" for c in row))
+    w = max([6] + [len(w) for w in row_words + col_words]) + 1  # columns as wide as the longest word
+    print(' ' * w + ''.join(f"{c:>{w}}" for c in col_words))
+    for word, row in zip(row_words, m.tolist()):
+        print(f"{word:<{w}}" + ''.join(f"{c:{w}.3f}" for c in row))
 
 
-show('common words', cos_common, groups['common'], groups['common'])
-show('rare words', cos_rare, groups['rare'], groups['rare'])
-show('common x rare', cos_between, groups['common'], groups['rare'])
-print(f"\nmean off-diagonal cosine: common {mean_off_diagonal(cos_common):.3f}, rare {mean_off_diagonal(cos_rare):.3f},"
-      f" between groups {cos_between.nanmean().item():.3f}")
+def fmt(x):
+    return 'n/a' if x is None else f"{x:.3f}"
+
+
+mean_between = cos_between.mean().item() if cos_between.numel() else None
+if missing:
+    print(f"\nnot in this model's vocabulary, left out of the cosines: {', '.join(missing)}")
+show('common words', cos_common, present['common'], present['common'])
+show('rare words', cos_rare, present['rare'], present['rare'])
+show('common x rare', cos_between, present['common'], present['rare'])
+print(f"\nmean off-diagonal cosine: common {fmt(mean_off_diagonal(cos_common))}, rare "
+      f"{fmt(mean_off_diagonal(cos_rare))}, between groups {fmt(mean_between)}")
 print(f"vocabulary: {vocab['n_vocab']} rows, norm mean {vocab['norm_mean']:.3f}, std {vocab['norm_std']:.3f}, "
       f"range {vocab['norm_min']:.3f}-{vocab['norm_max']:.3f}; Spearman(token id, norm) = "
-      f"{vocab['spearman_id_norm']:.3f} (ids follow BPE merge order, a proxy for frequency)")
+      f"{vocab['spearman_id_norm']:.3f}" + (" (ids follow BPE merge order, a proxy for frequency)" if tokenizer.chars is None
+                                              else " (character ids are in sorted order)"))
 
 if out_json:
     result = dict(init_from=init_from, subtoken=subtoken, words=rows,
-                  cosine=dict(form=form, words_common=groups['common'], words_rare=groups['rare'],
-                              common=json_safe(cos_common.tolist()), rare=json_safe(cos_rare.tolist()),
-                              between=json_safe(cos_between.tolist()),
-                              mean_offdiag_common=json_safe(mean_off_diagonal(cos_common)),
-                              mean_offdiag_rare=json_safe(mean_off_diagonal(cos_rare)),
-                              mean_between=json_safe(cos_between.nanmean().item())),
+                  cosine=dict(form=form, words_common=present['common'], words_rare=present['rare'], missing=missing,
+                              common=cos_common.tolist(), rare=cos_rare.tolist(), between=cos_between.tolist(),
+                              mean_offdiag_common=mean_off_diagonal(cos_common),
+                              mean_offdiag_rare=mean_off_diagonal(cos_rare), mean_between=mean_between),
                   vocab=vocab)
     with open(out_json, 'w') as fh:
         json.dump(result, fh, indent=1)
@@ -190,12 +187,18 @@ if plot:
         ax[0, 0].text(r['norm'], ax[0, 0].get_ylim()[1] * 0.95, r['word'], rotation=90, va='top', fontsize=8)
     ax[0, 0].set(title='norms of all vocabulary rows (blue: common, red: rare)', xlabel='L2 norm', ylabel='tokens')
     for a, m, name in ((ax[0, 1], cos_common, 'common'), (ax[1, 0], cos_rare, 'rare')):
+        if not present[name]:
+            a.text(0.5, 0.5, f"no {name} word is in this model's vocabulary", ha='center', va='center')
+            a.set_axis_off()
+            continue
         im = a.imshow(m.numpy(), vmin=-1, vmax=1, cmap='RdBu_r')
-        a.set_xticks(range(len(groups[name])), groups[name], rotation=45)
-        a.set_yticks(range(len(groups[name])), groups[name])
+        a.set_xticks(range(len(present[name])), present[name], rotation=45)
+        a.set_yticks(range(len(present[name])), present[name])
         for (i, j), c in zip([(i, j) for i in range(m.size(0)) for j in range(m.size(1))], m.flatten().tolist()):
             a.text(j, i, f"{c:.2f}", ha='center', va='center', fontsize=8, color='w' if abs(c) > 0.6 else 'k')
-        a.set_title(f"cosine similarity, {name} words ({form} form)")
+        a.set_title(f"cosine similarity, {name} words ({form} form)"
+                    + (f"\nnot in the vocabulary: {', '.join(w for w in groups[name] if w not in present[name])}"
+                       if len(present[name]) < len(groups[name]) else ''))
         fig.colorbar(im, ax=a)
     ax[1, 1].scatter(row_ids, norms.numpy(), s=1, alpha=0.3, color='0.5')
     for r in chosen:

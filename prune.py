@@ -25,9 +25,9 @@ init_from = 'gpt2'  # 'resume', a .pt file, a GPT-2 name, a Hub repo id, or a lo
 out_dir = 'out'  # where init_from='resume' finds ckpt.pt
 start = "one ring to rule them all,"  # the prompt of the samples, or "FILE:prompt.txt"
 configs = 'all;even;first_half'  # active_layers selections to compare, separated by ';' (see sample.py)
-eval_text = os.path.join(HERE, 'data', 'shakespeare_eval.txt')  # text the loss is measured on
+eval_text = os.path.join(HERE, 'data', 'tinyshakespeare.txt')  # text the loss is measured on
 eval_stride: int | None = None  # tokens each evaluation window advances, < block_size (None: block_size // 2)
-eval_tokens: int | None = None  # score only the first eval_tokens tokens of eval_text (None: all)
+eval_tokens: int | None = 4096  # score only the first eval_tokens tokens of eval_text (None: all; GPT-2 124M: ~10 s)
 max_new_tokens = 100  # tokens per sample
 num_samples = 3  # samples per config, generated as one batch
 temperature = 0.8  # as in sample.py
@@ -80,11 +80,16 @@ def windows(n_tokens, block_size, stride):
 
 
 @torch.no_grad()
-def evaluate(model, tokens, stride, lens=False):
+def evaluate(model, tokens, stride, lens=False, name=''):
     """Mean next-token loss (nats) over the text; with lens=True, a list of the losses read from the
-    residual stream before the first block and after each block, through ln_f and lm_head."""
-    total, count = None, 0
-    for begin, end, n in windows(len(tokens), model.config.block_size, stride):
+    residual stream before the first block and after each block, through ln_f and lm_head. A progress line
+    on stderr every few seconds."""
+    total, count, t_print = None, 0, time.time()
+    spans = windows(len(tokens), model.config.block_size, stride)
+    for j, (begin, end, n) in enumerate(spans):
+        if time.time() - t_print > 3:
+            print(f"\r  {name}: scoring window {j + 1}/{len(spans)}", end='', file=sys.stderr, flush=True)
+            t_print = time.time()
         x = tokens[None, begin:end]
         y = tokens[end - n:end]  # the scored targets, predicted from positions end-n-1 ... end-2
         if lens:
@@ -161,14 +166,14 @@ def select(spec):
 
 
 print(f"{init_from}: {n_layer} blocks; loss on {os.path.basename(eval_text)} ({len(tokens)} tokens, windows of "
-      f"{model.config.block_size}, stride {stride}); {num_samples} samples x {max_new_tokens} tokens, seed {seed}",
-      file=sys.stderr)
+      f"{model.config.block_size}, stride {stride}); {num_samples} sample{'s' * (num_samples != 1)} x {max_new_tokens} "
+      f"tokens, seed {seed}", file=sys.stderr)
 model.generate(prompt[:1], 2)  # warm up (one-time kernel set-up), so the first config's speed is not understated
 results = []
 for spec in specs:
     m = select(spec)
     t0 = time.time()
-    loss = evaluate(m, tokens, stride)
+    loss = evaluate(m, tokens, stride, name=spec)
     t_eval = time.time() - t0
     torch.manual_seed(seed)
     t0 = time.time()
@@ -182,7 +187,7 @@ for spec in specs:
                         distinct_2=sum(distinct_n(g, 2) for g in gen) / len(gen),
                         distinct_3=sum(distinct_n(g, 3) for g in gen) / len(gen),
                         repeat_4gram=sum(repeat_4gram(g) for g in gen) / len(gen)))
-    print(f"  {spec}: loss {loss:.4f} ({t_eval:.1f} s), {results[-1]['tokens_per_s']:.1f} tok/s", file=sys.stderr)
+    print(f"\r  {spec}: loss {loss:.4f} ({t_eval:.1f} s), {results[-1]['tokens_per_s']:.1f} tok/s", file=sys.stderr)
 
 
 def layers_str(ids):

@@ -69,9 +69,8 @@ elif compile:
 if not start_ids:
     sys.exit("sample.py: error: the prompt is empty; give --start=... (or --start='<|endoftext|>' for no prompt)")
 x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, :].repeat(num_samples, 1)
-layer_ids = getattr(model, 'layer_ids', None)  # only GPTs have blocks to prune
-if layer_ids is not None and layer_ids != list(range(len(layer_ids))):
-    print(f"running blocks {layer_ids}", file=sys.stderr)
+if active_layers is not None:
+    print(f"running blocks {model.layer_ids}", file=sys.stderr)
 
 t0 = time.time()
 if num_samples == 1:

@@ -1,14 +1,13 @@
 """
 Train a model: the course's Transformer, LSTM or k-gram MLP from scratch, or fine-tune GPT-2.
-    python data/prepare.py --compact_vocab=True --out_dir=data/tinystories_compact   # once
-    python train.py config/pico_tiny.py
-    python train.py config/pico_tiny.py --init_from=resume --max_iters=2000          # continue
-    torchrun --standalone --nproc_per_node=2 train.py config/pico_tiny.py            # data parallel
+    python train.py config/pico_tiny.py                                     # prepares its bundled data the first time
+    python train.py config/pico_tiny.py --init_from=resume --max_iters=2000 # continue
+    python train.py --dataset=shakespeare_char                              # nanoGPT's habit: data/shakespeare_char
+    torchrun --standalone --nproc_per_node=2 train.py config/pico_tiny.py   # data parallel
 Settings are the globals below; a config file and --key=value override them (configurator.py).
 """
 import csv
 import hashlib
-import json
 import math
 import os
 import signal
@@ -23,7 +22,8 @@ from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fast_cpu
-from load import Tokenizer, build_model, load_checkpoint, save_checkpoint
+from load import (Tokenizer, build_model, find_data_folder, load_checkpoint, merged_vocab, read_data_folder,
+                  save_checkpoint)
 from model import GPT, GPTConfig, check_config
 from plot import plot_runs, read_log
 
@@ -37,7 +37,7 @@ eval_only = False  # evaluate once and exit
 always_save_checkpoint = True  # save at every evaluation, not only when val loss improves
 init_from = 'scratch'  # 'scratch' or 'resume' (continue out_dir/ckpt.pt exactly where it stopped)
 # data
-dataset = 'data/tinystories'  # a data folder made by data/prepare.py (the course's TinyStories), or '' for none
+dataset = 'tinystories'  # a data folder (a path, or NAME for data/NAME; nanoGPT's folders work too), or '' for none
 input_files: tuple | list | str = ()  # more data folders (data/prepare.py --source=my.txt), mixed in as the course does
 tinystories_weight = 1.0  # probability that a training sequence comes from dataset; the rest come from input_files
 batch_size = 16  # sequences per micro-batch
@@ -51,6 +51,7 @@ n_embd = 128  # transformer: width
 dropout = 0.0  # transformer / gpt2: dropout rate
 bias = False  # transformer: biases in Linears and norms
 norm = 'rmsnorm'  # transformer: 'rmsnorm' (the course's) or 'layernorm' (GPT-2's)
+activation = 'gelu_tanh'  # transformer: the MLP's GELU, 'gelu_tanh' (GPT-2's approximation) or 'gelu' (nanoGPT's)
 norm_position = 'pre'  # transformer: 'pre' (GPT-2) or 'post' (the 2017 Transformer)
 pos_emb = 'learned'  # transformer: 'learned', 'rope' or 'none' (NoPE)
 attention = 'softmax'  # transformer: 'softmax', 'linear' or 'gla' (gated linear attention)
@@ -106,7 +107,8 @@ if not 0 <= tinystories_weight <= 1:
 input_files = [input_files] if isinstance(input_files, str) else list(input_files)
 # the Transformer's architecture (the vocabulary comes from the data); values a model cannot have stop here
 gpt_config = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias, dropout=dropout,
-                       norm=norm, norm_position=norm_position, pos_emb=pos_emb, attention=attention, chunk_size=chunk_size)
+                       activation=activation, norm=norm, norm_position=norm_position, pos_emb=pos_emb,
+                       attention=attention, chunk_size=chunk_size)
 if model_type == 'transformer':
     try:
         check_config(gpt_config)
@@ -145,36 +147,27 @@ if device_type == 'cuda':
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 
-# -- data: every source is a folder with train.bin / val.bin (GPT-2 ids) and meta.json -------------------
+# -- data: every source is a data folder: train.bin / val.bin and what their ids mean (load.read_data_folder) ----
 sources = ([dataset] if dataset else []) + input_files
 if not sources:
     die("no data: set dataset or input_files")
-meta = {}
-for src in sources:
-    if os.path.isfile(src):
-        die(f"{src} is a text file; prepare it first: python data/prepare.py --source={src}")
-    if not os.path.isdir(src):
-        die(f"data folder {src!r} not found (make it with data/prepare.py)")
-    for split in ('train', 'val'):
-        if not os.path.exists(os.path.join(src, f'{split}.bin')):
-            die(f"data folder {src!r} has no {split}.bin (make it with data/prepare.py)")
-    try:
-        with open(os.path.join(src, 'meta.json')) as f:
-            meta[src] = json.load(f)
-    except (OSError, ValueError):
-        meta[src] = {'tokenizer': 'gpt2', 'id_map': None}  # a nanoGPT data folder: GPT-2 ids, no map
-data = {src: {s: np.memmap(os.path.join(src, f'{s}.bin'), dtype=np.uint16, mode='r') for s in ('train', 'val')}
-        for src in sources}
+try:
+    sources = [find_data_folder(src) for src in sources]  # NAME finds data/NAME; the bundled ones prepare themselves
+    vocabs, splits = zip(*[read_data_folder(src) for src in sources])
+    # the model's vocabulary: GPT-2's, the union of the sources' compacted ones (model id i is GPT-2 id id_map[i]),
+    # or their characters; tables[s] maps source s's ids to the model's
+    tokenizer = merged_vocab(vocabs, full_gpt2=model_type == 'gpt2')
+    if model_type == 'gpt2' and tokenizer.chars is not None:
+        raise ValueError("GPT-2 fine-tuning needs data of GPT-2's BPE ids, not characters")
+    tables = dict(zip(sources, (tokenizer.table(v) for v in vocabs)))
+except (OSError, ValueError) as e:
+    die(e)
+data = dict(zip(sources, splits))
 for src in sources:
     for split, arr in data[src].items():
         if len(arr) <= block_size + 1:
             die(f"block_size={block_size} is longer than the {split} split of {src} ({len(arr)} tokens); "
                 f"lower block_size or give more data")
-# the model's vocabulary: GPT-2's, or the union of the sources' compacted vocabularies (model id i is GPT-2
-# id id_map[i]); batches are mapped through the tokenizer's table of each GPT-2 id's model id
-maps = [meta[src].get('id_map') for src in sources]
-id_map = None if model_type == 'gpt2' or any(m is None for m in maps) else sorted(set().union(*maps))
-tokenizer = Tokenizer(id_map)
 vocab_size = tokenizer.n_vocab
 # which source a training row comes from: dataset with probability tinystories_weight, the rest from the
 # input_files in proportion to their size (as if their sequences were pooled, as the course pools them)
@@ -203,8 +196,8 @@ def get_batch(split, g, src=None):
     for _ in range(batch_size):
         s = sources[torch.multinomial(weights, 1, generator=g).item()] if src is None else src
         i = torch.randint(len(data[s][split]) - block_size - 1, (1,), generator=g).item()
-        rows.append(torch.from_numpy(data[s][split][i:i + block_size + 1].astype(np.int64)))
-    xy = tokenizer.gpt2_to_model[torch.stack(rows)]
+        rows.append(tables[s][torch.from_numpy(data[s][split][i:i + block_size + 1].astype(np.int64))])
+    xy = torch.stack(rows)
     x, y = xy[:, :-1], xy[:, 1:]
     if device_type == 'cuda':
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
@@ -228,13 +221,13 @@ if init_from == 'resume':
     if model_type == 'gpt2':
         model_args = dict(checkpoint['model_args'])
     # the settings must describe the model being resumed: name every field that differs
-    mine = dict(model_type=model_type, **model_args, id_map=id_map)
+    mine = dict(model_type=model_type, **model_args, vocabulary=tokenizer.spec())
     theirs = dict(model_type=checkpoint.get('model_type'), **checkpoint['model_args'],
-                  id_map=(checkpoint.get('tokenizer') or {}).get('id_map'))
+                  vocabulary=checkpoint.get('tokenizer') or dict(name='gpt2', id_map=None))
     diff = [k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
     if diff:
-        shown = ', '.join('vocabulary (id_map)' if k == 'id_map' else f"{k}={theirs.get(k)!r} (settings: {mine.get(k)!r})"
-                          for k in diff)
+        shown = ', '.join(f"vocabulary ({Tokenizer.from_spec(theirs[k]).describe()}; the data's: {tokenizer.describe()})"
+                          if k == 'vocabulary' else f"{k}={theirs.get(k)!r} (settings: {mine.get(k)!r})" for k in diff)
         die(f"{ckpt_path} was trained with another architecture or vocabulary: {shown}; resume with the settings "
             f"(config file) it was trained with")
 if model_type == 'gpt2' and init_from == 'scratch':
@@ -326,7 +319,7 @@ def checkpoint_now():
     """Everything a resume needs to continue exactly, written atomically to out_dir/ckpt.pt."""
     save_checkpoint(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), model_type=model_type,
                          model_args=model_args, iter_num=iter_num, best_val_loss=best_val_loss, config=config,
-                         tokenizer=dict(name='gpt2', id_map=id_map), tokens_seen=tokens_seen, time_s=elapsed(),
+                         tokenizer=tokenizer.spec(), tokens_seen=tokens_seen, time_s=elapsed(),
                          log_state=[float(loss_sum), iters_since_log]),  # the mean loss of the next log line, so far
                     ckpt_path)
 
@@ -369,8 +362,7 @@ if master:
             w = csv.DictWriter(f, columns)
             w.writeheader()
             w.writerows({k: r.get(k, '') for k in columns} for r in rows)
-    vocab = f"{vocab_size} tokens" + (" (compacted)" if id_map else "")
-    print(f"{model_type}: {n_params / 1e6:.2f}M parameters, vocabulary {vocab}; data {', '.join(sources)}; "
+    print(f"{model_type}: {n_params / 1e6:.2f}M parameters, vocabulary: {tokenizer.describe()}; data {', '.join(sources)}; "
           f"{batch_size * block_size * gradient_accumulation_steps * world_size} tokens per iteration"
           f"{f' on {world_size} processes' if ddp else ''}; device {device}, {dtype}")
 

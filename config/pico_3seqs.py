@@ -1,9 +1,8 @@
 # A small Transformer on the bundled number sequences (data/3seqs.txt, one sequence per line), ~1 minute on 2 CPU cores.
-#   python data/prepare.py --source=data/3seqs.txt --compact_vocab=True
-#   python train.py config/pico_3seqs.py
+#   python train.py config/pico_3seqs.py          (the first run prepares data/3seqs_compact from data/3seqs.txt)
 #   python sample.py --init_from=resume --out_dir=out-pico-3seqs --start="0 1 2 3 4" --top_k=1
 out_dir = 'out-pico-3seqs'
-dataset = 'data/3seqs_compact'
+dataset = '3seqs_compact'
 model_type = 'transformer'
 n_layer = 3
 n_head = 4

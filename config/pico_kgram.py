@@ -1,9 +1,8 @@
 # The course's k-gram MLP (k=3) on the same data and token budget as config/pico_tiny.py, so the three model kinds
 # compare on one plot:  python plot.py --runs=out-pico-tiny,out-pico-lstm,out-pico-kgram
-#   python data/prepare.py --compact_vocab=True --out_dir=data/tinystories_compact
 #   python train.py config/pico_kgram.py
 out_dir = 'out-pico-kgram'
-dataset = 'data/tinystories_compact'
+dataset = 'tinystories_compact'
 model_type = 'kgram_mlp'
 kgram_k = 3
 embed_size = 128

@@ -1,9 +1,8 @@
 # The course's LSTM baseline on the same data and token budget as config/pico_tiny.py, so the three model kinds
 # compare on one plot:  python plot.py --runs=out-pico-tiny,out-pico-lstm,out-pico-kgram
-#   python data/prepare.py --compact_vocab=True --out_dir=data/tinystories_compact
 #   python train.py config/pico_lstm.py
 out_dir = 'out-pico-lstm'
-dataset = 'data/tinystories_compact'
+dataset = 'tinystories_compact'
 model_type = 'lstm'
 embed_size = 128
 hidden_size = 256

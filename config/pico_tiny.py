@@ -1,8 +1,7 @@
 # A small Transformer on the bundled TinyStories slice, with its vocabulary compacted: ~2 minutes on 2 CPU cores.
-#   python data/prepare.py --compact_vocab=True --out_dir=data/tinystories_compact
-#   python train.py config/pico_tiny.py
+#   python train.py config/pico_tiny.py           (the first run prepares data/tinystories_compact from the slice)
 out_dir = 'out-pico-tiny'
-dataset = 'data/tinystories_compact'
+dataset = 'tinystories_compact'
 model_type = 'transformer'
 n_layer = 4
 n_head = 4

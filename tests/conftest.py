@@ -34,6 +34,8 @@ def offline_env(monkeypatch, tmp_path, tiktoken_cache):
     monkeypatch.setenv('TIKTOKEN_CACHE_DIR', tiktoken_cache)
     monkeypatch.setenv('HF_ENDPOINT', 'http://127.0.0.1:9')
     monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+    monkeypatch.setenv('HF_HOME', str(tmp_path / 'hf-home'))  # no test sees the user's Hugging Face cache
+    monkeypatch.delenv('HF_HUB_CACHE', raising=False)
     monkeypatch.delenv('HF_TOKEN', raising=False)
 
 

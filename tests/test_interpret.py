@@ -71,7 +71,7 @@ def test_interpret_errors(hf_tiny, stories, tmp_path):
                                      f'--sae_data={stories}', '--sae_layer=3'),
                           'sae_layer=3 is out of range: this model has 3 blocks (0-2, or -1)')
     assert_one_line_error(run_script('interpret.py', f'--init_from={folder}', '--sae=True', '--sae_data=/no/data'),
-                          "sae_data '/no/data' not found")
+                          'sae_data:', "data folder '/no/data' not found", 'or give a text file')
     short = tmp_path / 'short.txt'
     short.write_text('Once upon a time there was a cat.')  # fewer tokens than two windows of 32
     assert_one_line_error(run_script('interpret.py', f'--init_from={folder}', '--attention_png=None', '--sae=True',

@@ -253,7 +253,7 @@ def test_bad_input(datasets, tmp_path):
     assert_one_line_error(train(out, f'--dataset={d}', '--init_from=resume', '--n_layer=2', '--n_embd=64'),
                           'another architecture or vocabulary', 'n_layer=1 (settings: 2)', 'n_embd=32 (settings: 64)')
     assert_one_line_error(train(out, f'--dataset={datasets["full"]}', '--init_from=resume'),
-                          'vocab_size=', 'vocabulary (id_map)')
+                          'vocab_size=', "vocabulary (GPT-2's BPE, ", "(compacted); the data's: GPT-2's BPE, 50257 tokens)")
     assert (out / 'ckpt.pt').read_bytes() == before  # nothing written over
     (out / 'ckpt.pt').write_bytes(before[:len(before) // 3])
     assert_one_line_error(train(out, f'--dataset={d}', '--init_from=resume'), 'truncated or corrupt')
