@@ -341,12 +341,20 @@ def log_row(**row):
 
 
 def plot_losses():
-    """out_dir/loss.png, with plot.py's figure (skipped without matplotlib)."""
+    """out_dir/loss.png, with plot.py's figure (skipped without matplotlib, saying so once)."""
+    global can_plot
+    if not can_plot:
+        return
     try:
         plot_runs([(os.path.basename(os.path.normpath(out_dir)), read_log(out_dir))], os.path.join(out_dir, 'loss.png'),
                   title=f"{model_type} in {out_dir}")
     except ImportError:
-        pass
+        can_plot = False
+        print("no loss.png: matplotlib is not installed (pip install matplotlib); log.csv has every number",
+              file=sys.stderr)
+
+
+can_plot = True
 
 
 if master:

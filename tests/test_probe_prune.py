@@ -56,7 +56,9 @@ def test_probe_ids_pieces_norms_cosines(hf_tiny, tmp_path):
     ranks = np.argsort(np.argsort(norms))
     rho = np.corrcoef(np.arange(len(norms)), ranks)[0, 1]
     assert res['vocab']['spearman_id_norm'] == pytest.approx(rho, abs=1e-6)
-    assert 'uvuvwevwe' in proc.stdout and 'mean off-diagonal cosine' in proc.stdout
+    header = proc.stdout.split('cosine similarity, rare words')[1].splitlines()[1]
+    assert header.split() == ['xqzt', 'blorpt', 'thraldor', 'uvuvwevwe', 'zzzzz']  # whole words, however long
+    assert 'mean off-diagonal cosine' in proc.stdout
 
 
 def test_probe_mean_of_pieces_and_plot(hf_tiny, tmp_path):
@@ -141,6 +143,7 @@ def test_prune_sweep_and_logit_lens_agree_with_configs(hf_tiny, tmp_path):
                       f'--out_json={out}', f'--plot={png}')
     assert proc.returncode == 0, proc.stderr
     res = json.loads(out.read_text())
+    assert '1 sample x 5 tokens' in proc.stderr
     loss = {r['spec']: r['loss'] for r in res['configs']}
     assert [s['dropped'] for s in res['sweep']] == [0, 1, 2]
     assert res['sweep'][1]['loss'] == pytest.approx(loss['even'], rel=1e-6)

@@ -64,9 +64,16 @@ def test_active_layers_from_the_command_line(hf_tiny):
         assert 'running blocks [0, 2]' in proc.stderr
         outs.append(proc.stdout)
     assert outs[0] == outs[1] == outs[2]
+    for spec, blocks in (('first_half', '[0, 1]'), ('0-1', '[0, 1]'), ('all', '[0, 1, 2]')):  # a prefix is named too
+        proc = run_script('sample.py', f'--init_from={folder}', '--start=Hi', '--num_samples=1',
+                          '--max_new_tokens=2', f'--active_layers={spec}')
+        assert f'running blocks {blocks}' in proc.stderr, proc.stderr
 
 
 def test_help_lists_every_setting_with_default_and_comment():
+    for script, setting in (('prune.py', '--eval_text'), ('data/prepare.py', '--tokenizer')):
+        proc = run_script(script, '--help')  # their ALL_CAPS constants (HERE) are not settings
+        assert proc.returncode == 0 and '--HERE' not in proc.stdout and setting in proc.stdout, proc.stdout
     proc = run_script('sample.py', '--help')
     assert proc.returncode == 0
     for line in ("--top_p          = None", "--temperature    = 0.8", "--active_layers", "nucleus sampling",
