@@ -6,6 +6,7 @@ The two weight readers GPT.from_pretrained needs, load_safetensors and safe_torc
 that model.py alone still loads a local folder; everything here uses them.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -73,82 +74,137 @@ def hub_snapshot(name):
     if not any(os.path.exists(os.path.join(folder, f)) for f in ('model.safetensors', 'pytorch_model.bin')):
         try:
             hub_download(repo, 'model.safetensors', folder)
-        except FileNotFoundError:  # older repos have only the PyTorch pickle
+        except NotOnHub:  # older repos have only the PyTorch pickle
             hub_download(repo, 'pytorch_model.bin', folder)
     return folder
 
 
+class NotOnHub(FileNotFoundError):
+    """The server answered 401, 403 or 404 for a file: it is not there (or not for us)."""
+
+
+STALL_SECONDS, STALL_BYTES = 60, 1024  # a transfer that brings fewer than 1 KB in a minute is stalled
+ATTEMPTS = 5  # attempts in a row that bring nothing new before a download gives up (progress resets the count)
+
+
+@contextlib.contextmanager
+def file_lock(path):
+    """An exclusive lock on the file path (created if need be) while the block runs, so that of several
+    processes wanting one download, one downloads and the others wait for it. Released when the file closes,
+    also when the process dies."""
+    with open(path, 'a+b') as f:
+        if os.name == 'nt':
+            import msvcrt
+            while True:
+                try:
+                    msvcrt.locking(f.fileno(), msvcrt.LK_LOCK, 1)  # waits 10 s, then raises: wait again
+                    break
+                except OSError:
+                    pass
+        else:
+            import fcntl
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
 def hub_download(repo, filename, folder):
     """Download {endpoint}/{repo}/resolve/main/{filename} into folder, unless it is there already.
-    Bytes go to a .part file; an interrupted transfer resumes with an HTTP Range request (within this call,
-    or in the next run), and the file is renamed into place only after its size (and sha256, when the
-    server's headers give it) check out."""
-    import requests  # only downloads need it
+    - One process at a time: a lock file beside the target; a process that waited finds the file done.
+    - Bytes go to a .part file as they arrive (nothing read is thrown away); a dropped connection resumes
+      with an HTTP Range request, in this call or in the next run.
+    - The file is renamed into place only when complete: as long as the server announced, with the sha256
+      the server gives (the Hub's X-Linked-Etag); a server that announces no size must have ended the
+      transfer cleanly.
+    - ATTEMPTS attempts in a row that bring no new bytes, or stall (fewer than STALL_BYTES in STALL_SECONDS),
+      end it with one line (the .part stays, to resume later)."""
     path = os.path.join(folder, filename)
     if os.path.exists(path):
         return path
     os.makedirs(folder, exist_ok=True)
+    with file_lock(path + '.lock'):
+        if not os.path.exists(path):  # (another process may have finished it while this one waited)
+            _download(repo, filename, path)
+    return path
+
+
+def _download(repo, filename, path):
+    import requests  # only downloads need it
+    import urllib3
     endpoint = os.environ.get('HF_ENDPOINT', HF_ENDPOINT).rstrip('/')
     url = f"{endpoint}/{repo}/resolve/main/{filename}"
     headers = {'Authorization': f"Bearer {os.environ['HF_TOKEN']}"} if os.environ.get('HF_TOKEN') else {}
-    part = path + '.part'
-    stalls = 0
-    while True:
+    part, name = path + '.part', f"{repo}/{filename}"
+    failures, best, why = 0, -1, ''
+    while failures < ATTEMPTS:
         have = os.path.getsize(part) if os.path.exists(part) else 0
         try:
-            r = requests.get(url, stream=True, timeout=30,
+            r = requests.get(url, stream=True, timeout=(10, STALL_SECONDS),
                              headers={**headers, 'Range': f'bytes={have}-'} if have else headers)
+        except requests.Timeout:
+            raise ConnectionError(f"{endpoint} did not answer within {STALL_SECONDS} s (downloading {name}); try "
+                                  f"again later, or put the model's files in a folder and use --init_from=that/folder"
+                                  ) from None
         except requests.RequestException as e:
-            raise ConnectionError(f"cannot reach {endpoint} to download {repo}/{filename} ({type(e).__name__}); "
-                                  f"offline? put config.json and model.safetensors in a folder and use "
-                                  f"--init_from=path/to/folder") from None
+            raise ConnectionError(f"cannot reach {endpoint} to download {name} ({type(e).__name__}); offline? put "
+                                  f"config.json and model.safetensors in a folder and use --init_from=path/to/folder"
+                                  ) from None
         with r:
             if r.status_code in (401, 403, 404):
                 hint = 'private or gated? set HF_TOKEN' if r.status_code != 404 else 'check the repo id'
-                raise FileNotFoundError(f"{repo}: file {filename} not found on {endpoint} "
-                                        f"(HTTP {r.status_code}; {hint})")
-            if r.status_code == 416:  # our .part is already as long as the file (or longer): start over
+                raise NotOnHub(f"{repo}: file {filename} not found on {endpoint} (HTTP {r.status_code}; {hint})")
+            if r.status_code == 416:  # our .part is as long as the file, or longer: start over
                 os.remove(part)
+                failures, why = failures + 1, 'the server refused to resume it'
                 continue
             if r.status_code not in (200, 206):
-                raise ConnectionError(f"{repo}/{filename}: {endpoint} answered HTTP {r.status_code}")
+                raise ConnectionError(f"{name}: {endpoint} answered HTTP {r.status_code}")
             if r.status_code == 200:
                 have = 0  # the server sent the whole file, not the range asked for
             size, sha256 = _hub_file_info(r, have)
-            t0, t_print, done = time.time(), 0.0, have
-            try:
-                with open(part, 'ab' if have else 'wb') as f:
-                    for chunk in r.iter_content(chunk_size=1 << 20):
+            encoded = r.headers.get('Content-Encoding', 'identity') != 'identity'  # its ranges count other bytes
+            complete, stalled, done, t0, t_print = False, False, have, time.time(), 0.0
+            window_start, window_bytes = time.time(), 0
+            read = getattr(r.raw, 'read1', None) or (lambda n, **kw: r.raw.read(1 << 14, **kw))  # urllib3 < 2
+            with open(part, 'ab' if have else 'wb') as f:
+                try:
+                    # read1 returns whatever has arrived (up to 1 MB), so a connection that drops loses nothing
+                    # and a trickle is seen as one
+                    while chunk := read(1 << 20, decode_content=True):
                         f.write(chunk)
-                        done += len(chunk)
+                        done, window_bytes = done + len(chunk), window_bytes + len(chunk)
+                        if window_bytes >= STALL_BYTES:
+                            window_start, window_bytes = time.time(), 0
+                        elif time.time() - window_start > STALL_SECONDS:
+                            raise TimeoutError(f"stalled (fewer than {STALL_BYTES} bytes in {STALL_SECONDS} s)")
                         if time.time() - t_print > 0.5 and (size or done) > 1e6:  # quiet for small files
                             t_print = time.time()
-                            mbs = (done - have) / 1e6 / max(t_print - t0, 1e-6)
                             total = f"/{size / 1e6:.1f}" if size else ""
-                            print(f"\rdownloading {repo}/{filename}: {done / 1e6:.1f}{total} MB, {mbs:.1f} MB/s",
-                                  end='', file=sys.stderr, flush=True)
-            except requests.RequestException:
-                pass  # the connection dropped mid-file: the loop below resumes from what we have
+                            print(f"\rdownloading {name}: {done / 1e6:.1f}{total} MB, "
+                                  f"{(done - have) / 1e6 / max(t_print - t0, 1e-6):.1f} MB/s", end='', file=sys.stderr,
+                                  flush=True)
+                    complete = True
+                except TimeoutError as e:
+                    why, stalled = str(e), True
+                except (urllib3.exceptions.HTTPError, requests.RequestException, ConnectionError) as e:
+                    why = f"the connection broke ({type(e).__name__})"
         got = os.path.getsize(part)
         if t_print:
-            print(f"\rdownloading {repo}/{filename}: {got / 1e6:.1f} MB, {(got - have) / 1e6 / max(time.time() - t0, 1e-6):.1f}"
-                  f" MB/s{'' if size is None or got >= size else ' (connection lost, resuming)'}", file=sys.stderr)
-        if size is not None and got < size:
-            stalls = stalls + 1 if got == have else 0
-            if stalls >= 3:
-                raise ConnectionError(f"{repo}/{filename}: the download keeps stopping at {got} of {size} bytes; "
-                                      f"run again to resume it")
-            continue
-        if size is not None and got != size:
-            os.remove(part)
-            raise ValueError(f"{repo}/{filename}: downloaded {got} bytes but the server announced {size}; "
-                             f"removed it, run again to download it afresh")
-        if sha256 is not None and _sha256(part) != sha256:
-            os.remove(part)
-            raise ValueError(f"{repo}/{filename}: sha256 of the download does not match the server's; removed it, "
-                             f"run again to download it afresh")
-        os.replace(part, path)
-        return path
+            print(f"\rdownloading {name}: {got / 1e6:.1f} MB{'' if complete else ', ' + why + '; resuming'}",
+                  file=sys.stderr)
+        if (got == size) if size is not None else complete:
+            if sha256 is not None and _sha256(part) != sha256:
+                os.remove(part)
+                raise ValueError(f"{name}: sha256 of the download does not match the server's; removed it, run again "
+                                 f"to download it afresh")
+            os.replace(part, path)
+            return
+        if size is not None and got > size or encoded:
+            os.remove(part)  # longer than announced, or in an encoding whose ranges cannot resume: start over
+            got = 0
+        why = f"the server announced {size} bytes but sent {got}" if complete else \
+            f"{why} at {got} of {size if size is not None else 'an unknown number of'} bytes"
+        failures, best = (0, got) if got > best and not stalled else (failures + 1, max(best, got))
+    raise ConnectionError(f"{name}: {why}; {ATTEMPTS} attempts in a row brought nothing new; run again to resume")
 
 
 def _hub_file_info(r, offset):

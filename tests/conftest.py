@@ -1,12 +1,16 @@
 """Shared fixtures. Every test runs offline: tiktoken's cache is seeded from the BPE files in data/,
 the Hub is a loopback server, and downloads go to a temporary cache."""
+import gzip
 import hashlib
 import http.server
 import os
 import shutil
+import socket
+import struct
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -114,13 +118,19 @@ class HubServer:
     /datasets/{org}/{name}/resolve/main/{file} for dataset repos).
     Large files are served like the Hub serves LFS files: a 302 redirect carrying X-Linked-Size and
     X-Linked-Etag (the sha256), then the bytes from another path, honoring Range requests.
-    drop_after[file] = n makes the next response for that file stop after n bytes and close the connection."""
+    And the servers a download meets in the wild, per file key ('org/name/file'):
+    drop_after[key] = n: the next response stops after n bytes and closes the connection (once);
+    drop_every[key] = n: every response stops after n bytes; ignore_range: always the whole file, 200;
+    no_size: no Content-Length, the body ends when the connection closes; announce[key] = n: claims n bytes;
+    trickle[key] = s: one byte every s seconds; pace[key] = s: 64 KB every s seconds; gzip: Content-Encoding
+    gzip; silent: accepts the request and never answers."""
 
     def __init__(self):
         self.files = {}  # 'org/name/file' -> bytes
         self.lfs = set()  # keys served through a redirect with sha256 headers
         self.bad_sha = set()  # keys whose announced sha256 is wrong
-        self.drop_after = {}
+        self.drop_after, self.drop_every, self.announce, self.trickle, self.pace = {}, {}, {}, {}, {}
+        self.ignore_range, self.no_size, self.gzip, self.silent = set(), set(), set(), set()
         self.log = []  # (path, Range header or None)
         server = self
 
@@ -139,6 +149,9 @@ class HubServer:
                 if len(parts) < n + 3 or parts[n:n + 2] != ['resolve', 'main']:
                     return self.send_error(404)
                 key = '/'.join(parts[:n] + parts[n + 2:])
+                if key in server.silent:
+                    time.sleep(30)
+                    return
                 if key not in server.files:
                     self.send_response(404)
                     self.send_header('Content-Length', '0')
@@ -151,7 +164,7 @@ class HubServer:
                         sha = '0' * 64
                     self.send_response(302)
                     self.send_header('Location', f'/cdn/{key}')
-                    self.send_header('X-Linked-Size', str(len(data)))
+                    self.send_header('X-Linked-Size', str(server.announce.get(key, len(data))))
                     self.send_header('X-Linked-Etag', f'"{sha}"')
                     self.send_header('Content-Length', '0')
                     self.end_headers()
@@ -160,8 +173,10 @@ class HubServer:
 
             def send_bytes(self, key):
                 data = server.files[key]
+                if key in server.gzip:
+                    data = gzip.compress(data)
                 start = 0
-                rng = self.headers.get('Range')
+                rng = None if key in server.ignore_range else self.headers.get('Range')
                 if rng:
                     start = int(rng.split('=')[1].split('-')[0])
                     if start >= len(data):
@@ -173,19 +188,36 @@ class HubServer:
                     self.send_header('Content-Range', f'bytes {start}-{len(data) - 1}/{len(data)}')
                 else:
                     self.send_response(200)
-                self.send_header('Content-Length', str(len(data) - start))
+                if key in server.gzip:
+                    self.send_header('Content-Encoding', 'gzip')
+                if key in server.no_size:
+                    self.send_header('Transfer-Encoding', 'chunked')
+                else:
+                    self.send_header('Content-Length', str(server.announce.get(key, len(data)) - start))
                 self.end_headers()
                 body = data[start:]
-                cut = server.drop_after.pop(key, None)
-                if cut is not None:
-                    self.wfile.write(body[:cut])
+                cut = server.drop_after.pop(key, server.drop_every.get(key))
+                step = 1 if key in server.trickle else 1 << 16 if key in server.pace else len(body) or 1
+                try:
+                    for i in range(0, len(body) if cut is None else min(cut, len(body)), step):
+                        piece = body[i:min(i + step, len(body) if cut is None else cut)]
+                        self.wfile.write(b'%x\r\n%s\r\n' % (len(piece), piece) if key in server.no_size else piece)
+                        self.wfile.flush()
+                        time.sleep(server.trickle.get(key) or server.pace.get(key) or 0)
+                    if key in server.no_size and cut is None:
+                        self.wfile.write(b'0\r\n\r\n')  # the last chunk: the body is complete
                     self.wfile.flush()
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up
+                if cut is not None:  # a dropped connection, as a network drops it: a reset, not a clean end
                     self.close_connection = True
-                    self.connection.shutdown(2)
-                    return
-                self.wfile.write(body)
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
+                elif key in server.announce:  # all it has, then a clean close, short of what it announced
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_WR)
 
         self.httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+        self.httpd.daemon_threads = True
         self.url = f'http://127.0.0.1:{self.httpd.server_address[1]}'
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 

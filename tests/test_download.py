@@ -1,9 +1,13 @@
 """Hub downloads against a loopback server in the Hub's URL layout ($HF_ENDPOINT)."""
 import hashlib
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
+from conftest import ROOT
 
 from load import cache_dir, hub_download, load_model
 from model import GPT
@@ -107,3 +111,96 @@ def test_no_network_says_how_to_use_a_local_folder():
         GPT.from_pretrained('gpt2')
     msg = str(e.value)
     assert 'cannot reach http://127.0.0.1:9' in msg and '--init_from=path/to/folder' in msg and '\n' not in msg
+
+
+# -- downloads under hostile servers and concurrent processes (each of these failed before the download routine
+# took a lock, kept what arrived, counted attempts without progress and timed out stalls)
+
+BLOB = bytes(range(256)) * 800  # 204,800 bytes
+
+
+def serve(hub, key, data=BLOB):
+    hub.files[key] = data
+    return os.path.join(cache_dir(), 'hub', 'dl')
+
+
+def test_two_processes_share_one_download(hub, tmp_path):
+    """A plain mirror (no Range, no sha256) and two processes wanting the same file at the same time: one
+    downloads while the other waits on the lock and then finds the file; the bytes are the server's."""
+    folder = serve(hub, 'org/m/model.bin')
+    hub.ignore_range.add('org/m/model.bin')
+    hub.pace['org/m/model.bin'] = 0.05  # 64 KB every 50 ms: the downloads overlap
+    code = f"import sys; sys.path.insert(0, {ROOT!r}); from load import hub_download; hub_download('org/m', 'model.bin', {folder!r})"
+    procs = [subprocess.Popen([sys.executable, '-c', code], stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    errs = [p.communicate(timeout=60)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    with open(os.path.join(folder, 'model.bin'), 'rb') as f:
+        assert f.read() == BLOB
+    assert len([p for p, _ in hub.log if p.endswith('model.bin')]) == 1
+    assert not os.path.exists(os.path.join(folder, 'model.bin.part'))
+
+
+def test_no_size_and_a_dropped_connection_is_not_taken_for_the_file(hub):
+    """A server that announces no size and drops the connection mid-file: the partial file is never renamed
+    into place; with resumption it completes byte-exact, without it the download fails with one line."""
+    folder = serve(hub, 'org/m/a.bin')
+    hub.no_size.add('org/m/a.bin')
+    hub.drop_after['org/m/a.bin'] = 50000
+    assert open(hub_download('org/m', 'a.bin', folder), 'rb').read() == BLOB
+    serve(hub, 'org/m/b.bin')
+    hub.no_size.add('org/m/b.bin')
+    hub.ignore_range.add('org/m/b.bin')
+    hub.drop_every['org/m/b.bin'] = 50000
+    with pytest.raises(ConnectionError, match='attempts in a row brought nothing new'):
+        hub_download('org/m', 'b.bin', folder)
+    assert not os.path.exists(os.path.join(folder, 'b.bin'))
+
+
+def test_a_server_that_announces_more_than_it_sends_ends_with_one_line(hub):
+    folder = serve(hub, 'org/m/c.bin')
+    hub.announce['org/m/c.bin'] = len(BLOB) + 1000
+    hub.ignore_range.add('org/m/c.bin')
+    with pytest.raises(ConnectionError) as e:
+        hub_download('org/m', 'c.bin', folder)
+    assert f'at {len(BLOB)} of {len(BLOB) + 1000} bytes' in str(e.value) and 'brought nothing new' in str(e.value)
+    assert len(hub.log) <= 6 and not os.path.exists(os.path.join(folder, 'c.bin'))
+
+
+def test_a_trickle_is_a_stall(hub, monkeypatch):
+    import load
+    monkeypatch.setattr(load, 'STALL_SECONDS', 1)
+    folder = serve(hub, 'org/m/d.bin', BLOB[:2000])
+    hub.trickle['org/m/d.bin'] = 0.1  # 10 bytes a second, below 1 KB a second
+    monkeypatch.setattr(load, 'ATTEMPTS', 2)
+    t0 = time.time()
+    with pytest.raises(ConnectionError, match=r'stalled \(fewer than 1024 bytes in 1 s\)'):
+        hub_download('org/m', 'd.bin', folder)
+    assert time.time() - t0 < 15
+
+
+def test_a_connection_that_drops_every_few_kb_still_completes(hub):
+    """Each drop keeps what arrived, so every attempt brings new bytes and the count of failures restarts."""
+    folder = serve(hub, 'org/m/e.bin')
+    hub.drop_every['org/m/e.bin'] = 30000
+    assert open(hub_download('org/m', 'e.bin', folder), 'rb').read() == BLOB
+    assert len(hub.log) >= 7  # 204,800 bytes, 30,000 at a time
+
+
+def test_gzip_transfers_restart_instead_of_resuming(hub):
+    """Content-Encoding gzip: ranges would count compressed bytes, so a broken transfer starts over."""
+    folder = serve(hub, 'org/m/f.bin')
+    hub.gzip.add('org/m/f.bin')
+    hub.no_size.add('org/m/f.bin')
+    hub.drop_after['org/m/f.bin'] = 3000
+    assert open(hub_download('org/m', 'f.bin', folder), 'rb').read() == BLOB
+    assert [r for _, r in hub.log] == [None, None]
+
+
+def test_a_server_that_never_answers_says_so(hub, monkeypatch):
+    import load
+    monkeypatch.setattr(load, 'STALL_SECONDS', 1)
+    folder = serve(hub, 'org/m/g.bin')
+    hub.silent.add('org/m/g.bin')
+    with pytest.raises(ConnectionError) as e:
+        hub_download('org/m', 'g.bin', folder)
+    assert 'did not answer within 1 s' in str(e.value) and 'offline' not in str(e.value)
