@@ -285,10 +285,25 @@ def load_checkpoint(path):
 
 
 def save_checkpoint(ckpt, path):
-    """Write a checkpoint atomically: a temporary file, then a rename, so a crash never leaves half a file."""
-    tmp = path + '.tmp'
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    """Write a training checkpoint so that nothing good is lost: refused (ValueError) when its weights are not
+    finite, since a diverged run must not replace the last good state; written to a temporary file and renamed,
+    so a crash never leaves half a file; and on a failed write (disk full) the temporary file is removed and the
+    old checkpoint stays (OSError, one line)."""
+    bad = [k for k, v in ckpt['model'].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"not saved: {len(bad)} of {len(ckpt['model'])} weight tensors are NaN or infinite (the run "
+                         f"diverged); {path} keeps {'the last good state' if os.path.exists(path) else 'nothing'}")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        what = getattr(e, 'strerror', None) or str(e).splitlines()[0][:100]
+        raise OSError(f"could not write {path} ({what}); "
+                      f"{'it keeps the last saved state' if os.path.exists(path) else 'nothing was saved'}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 # -----------------------------------------------------------------------------
@@ -738,7 +753,26 @@ def save_hf_folder(model, tokenizer, folder):
 
 
 # -----------------------------------------------------------------------------
-# The model every script starts from
+# The model every script starts from, and where it runs
+
+
+def pick_device(device):
+    """The device a script runs on: 'auto' picks cuda > mps > cpu; a named one must exist here (ValueError)."""
+    if device == 'auto':
+        return 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"device={device!r} is not a device (cpu, cuda, cuda:1, mps, or auto)") from None
+    if d.type == 'cuda' and not (torch.cuda.is_available() and (d.index or 0) < torch.cuda.device_count()):
+        raise ValueError(f"device={device!r} but this PyTorch sees {torch.cuda.device_count()} CUDA GPUs; use "
+                         f"--device=cpu")
+    if d.type == 'mps' and not torch.backends.mps.is_available():
+        raise ValueError(f"device={device!r} but this PyTorch has no MPS (Apple GPU) support; use --device=cpu")
+    if d.type not in ('cpu', 'cuda', 'mps'):
+        raise ValueError(f"device={device!r}: the scripts run on cpu, cuda or mps")
+    return device
+
 
 
 def checkpoint_tokenizer(ckpt, n_vocab, path):

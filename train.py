@@ -22,7 +22,7 @@ from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fast_cpu
-from load import (Tokenizer, build_model, find_data_folder, load_checkpoint, merged_vocab, read_data_folder,
+from load import (Tokenizer, build_model, find_data_folder, load_checkpoint, merged_vocab, pick_device, read_data_folder,
                   save_checkpoint)
 from model import GPT, GPTConfig, check_config
 from plot import plot_runs, read_log
@@ -36,6 +36,7 @@ eval_iters = 50  # batches per split for each loss estimate
 eval_only = False  # evaluate once and exit
 always_save_checkpoint = True  # save at every evaluation, not only when val loss improves
 init_from = 'scratch'  # 'scratch' or 'resume' (continue out_dir/ckpt.pt exactly where it stopped)
+overwrite = False  # init_from='scratch' into an out_dir that holds a run: refused unless True
 # data
 dataset = 'tinystories'  # a data folder (a path, or NAME for data/NAME; nanoGPT's folders work too), or '' for none
 input_files: tuple | list | str = ()  # more data folders (data/prepare.py --source=my.txt), mixed in as the course does
@@ -99,11 +100,17 @@ if model_type == 'gpt2' and (norm_position, pos_emb, attention) != ('pre', 'lear
 if init_from not in ('scratch', 'resume'):
     die(f"init_from={init_from!r} must be 'scratch' or 'resume' (fine-tune GPT-2 with model_type='gpt2')")
 for name in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'max_iters', 'eval_interval', 'log_interval',
-             'eval_iters'):
+             'eval_iters', 'embed_size', 'hidden_size', 'kgram_k', 'num_inner_mlp_layers'):
     if globals()[name] < 1:
         die(f"{name}={globals()[name]} must be >= 1")
-if not 0 <= tinystories_weight <= 1:
-    die(f"tinystories_weight={tinystories_weight} must be between 0 and 1")
+for name, ok, allowed in (('tinystories_weight', 0 <= tinystories_weight <= 1, 'between 0 and 1'),
+                          ('learning_rate', learning_rate > 0, '> 0'), ('min_lr', min_lr >= 0, '>= 0'),
+                          ('weight_decay', weight_decay >= 0, '>= 0'), ('beta1', 0 <= beta1 < 1, 'in [0, 1)'),
+                          ('beta2', 0 <= beta2 < 1, 'in [0, 1)'), ('grad_clip', grad_clip >= 0, '>= 0 (0: off)'),
+                          ('warmup_iters', warmup_iters >= 0, '>= 0'), ('sample_tokens', sample_tokens >= 0, '>= 0'),
+                          ('lr_decay_iters', lr_decay_iters is None or lr_decay_iters >= 1, '>= 1 or None')):
+    if not ok:  # (NaN fails every comparison, so it is refused too)
+        die(f"{name}={globals()[name]} must be {allowed}")
 input_files = [input_files] if isinstance(input_files, str) else list(input_files)
 # the Transformer's architecture (the vocabulary comes from the data); values a model cannot have stop here
 gpt_config = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias, dropout=dropout,
@@ -114,24 +121,34 @@ if model_type == 'transformer':
         check_config(gpt_config)
     except ValueError as e:
         die(e)
-ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+ckpt_path, log_path = os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, 'log.csv')
+if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    die(f"out_dir {out_dir!r} is a file; give a folder for the checkpoint and logs")
 if init_from == 'resume' and not os.path.exists(ckpt_path):
     die(f"init_from='resume' but {ckpt_path} does not exist")
+if init_from == 'scratch' and not overwrite and (os.path.exists(ckpt_path) or os.path.exists(log_path)):
+    # nanoGPT would train over it: one forgotten --init_from=resume and the run is gone
+    die(f"out_dir {out_dir!r} holds a run already ({'ckpt.pt' if os.path.exists(ckpt_path) else 'log.csv'}); "
+        f"--init_from=resume continues it, --overwrite=True starts afresh over it, or give another --out_dir")
+try:
+    device = pick_device(device)
+except ValueError as e:
+    die(e)
 
 # -- processes and devices: one process, or one per GPU/CPU under torchrun (nanoGPT's DDP set-up) ----------
 ddp = int(os.environ.get('RANK', -1)) != -1
-if device == 'auto':
-    device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
-if device.startswith('cuda') and not torch.cuda.is_available():
-    die(f"device={device!r} but this PyTorch sees no CUDA GPU; use --device=cpu")
 if ddp:
     rank, local_rank, world_size = int(os.environ['RANK']), int(os.environ['LOCAL_RANK']), int(os.environ['WORLD_SIZE'])
     init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
     if device.startswith('cuda'):
         device = f'cuda:{local_rank}'
         torch.cuda.set_device(device)
-    if gradient_accumulation_steps % world_size:
-        die(f"gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the {world_size} processes")
+    if gradient_accumulation_steps % world_size:  # every process takes the same number of micro-batches
+        rounded = -(-gradient_accumulation_steps // world_size) * world_size
+        if rank == 0:
+            print(f"gradient_accumulation_steps={gradient_accumulation_steps} rounded up to {rounded}, a multiple of the "
+                  f"{world_size} processes: {rounded // world_size} micro-batch(es) each per step", file=sys.stderr)
+        gradient_accumulation_steps = rounded
     gradient_accumulation_steps //= world_size
 else:
     rank, world_size = 0, 1
@@ -304,9 +321,11 @@ def samples():
     """The prompt continued greedily, with top-p 0.95 and with top-p 1.0."""
     raw_model.eval()
     try:
-        idx = torch.tensor([tokenizer.encode(prompt)], device=device)
+        idx = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=device)
     except ValueError as e:
         return [f"(no sample: {e})"]
+    if idx.numel() == 0:
+        return ["(no sample: the prompt is empty)"]
     out = []
     for name, kw in (('greedy', dict(temperature=0)), ('top-p 0.95', dict(top_p=0.95)), ('top-p 1.0', dict(top_p=1.0))):
         g = raw_model.generate(idx, sample_tokens, top_k=None, **kw)[0].tolist()
@@ -316,12 +335,16 @@ def samples():
 
 
 def checkpoint_now():
-    """Everything a resume needs to continue exactly, written atomically to out_dir/ckpt.pt."""
-    save_checkpoint(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), model_type=model_type,
-                         model_args=model_args, iter_num=iter_num, best_val_loss=best_val_loss, config=config,
-                         tokenizer=tokenizer.spec(), tokens_seen=tokens_seen, time_s=elapsed(),
-                         log_state=[float(loss_sum), iters_since_log]),  # the mean loss of the next log line, so far
-                    ckpt_path)
+    """Everything a resume needs to continue exactly, in out_dir/ckpt.pt (load.save_checkpoint: atomic, and
+    never NaN weights over a good checkpoint); a failure stops the run with one line."""
+    try:
+        save_checkpoint(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), model_type=model_type,
+                             model_args=model_args, iter_num=iter_num, best_val_loss=best_val_loss, config=config,
+                             tokenizer=tokenizer.spec(), tokens_seen=tokens_seen, time_s=elapsed(),
+                             log_state=[float(loss_sum), iters_since_log]),  # the mean loss of the next log line
+                        ckpt_path)
+    except (OSError, ValueError) as e:
+        die(e)
 
 
 def elapsed():
@@ -332,7 +355,6 @@ def elapsed():
 columns = ['iter', 'tokens', 'time_s', 'train_loss', 'val_loss', 'lr', 'ms_per_iter', 'tokens_per_s']
 if len(sources) > 1:
     columns += [f"val_loss_{os.path.basename(os.path.normpath(s))}" for s in sources]
-log_path = os.path.join(out_dir, 'log.csv')
 
 
 def log_row(**row):
@@ -358,8 +380,12 @@ can_plot = True
 
 
 if master:
-    os.makedirs(out_dir, exist_ok=True)
-    if init_from == 'scratch' or not os.path.exists(log_path):
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        open(log_path, 'a').close()  # can the run write its log (and so its checkpoint) there?
+    except OSError as e:
+        die(f"cannot write into out_dir {out_dir!r} ({e.strerror})")
+    if init_from == 'scratch' or not os.path.getsize(log_path):
         with open(log_path, 'w', newline='') as f:
             csv.writer(f).writerow(columns)
     else:  # rows past the checkpoint belong to work this run will do again (its evaluation at iter_num too)
@@ -374,20 +400,35 @@ if master:
           f"{batch_size * block_size * gradient_accumulation_steps * world_size} tokens per iteration"
           f"{f' on {world_size} processes' if ddp else ''}; device {device}, {dtype}")
 
-# Ctrl-C: finish the iteration under way, save, and exit (a checkpoint written mid-step would be torn)
-stop_requested = False
+# Ctrl-C, and SIGTERM (a timeout, docker stop, a cluster's preemption, torchrun passing on Ctrl-C): finish the
+# iteration under way, save, and exit; a checkpoint written mid-step would be torn
+stop_requested, first_signal = False, 0.0
 
 
 def request_stop(signum, frame):
-    global stop_requested
-    if stop_requested:
-        raise KeyboardInterrupt  # a second Ctrl-C: stop now
-    stop_requested = True
-    if master:
-        print("\ninterrupted: saving a checkpoint after this iteration (Ctrl-C again to quit at once)", file=sys.stderr)
+    global stop_requested, first_signal
+    if stop_requested and signum == signal.SIGINT and time.time() - first_signal > 1:
+        raise KeyboardInterrupt  # a second Ctrl-C: stop now (not SIGTERM, which torchrun sends right after Ctrl-C)
+    if not stop_requested:
+        stop_requested, first_signal = True, time.time()
+        if master:
+            print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this iteration (Ctrl-C again, a "
+                  f"second later, to quit at once)", file=sys.stderr)
 
 
 signal.signal(signal.SIGINT, request_stop)
+signal.signal(signal.SIGTERM, request_stop)
+
+
+def stop_now():
+    """Whether to stop at this iteration: under torchrun every process must agree, or one would wait forever in
+    a collective the others left (the signal reaches them at different moments)."""
+    if not ddp:
+        return stop_requested
+    flag = torch.tensor([float(stop_requested)], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
 
 # -- the training loop (nanoGPT's) ------------------------------------------------------------------------
 checkpoint = None  # free its memory
@@ -398,7 +439,8 @@ while True:
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
         group['lr'] = lr
-    if iter_num % eval_interval == 0 or iter_num == max_iters or stop_requested:
+    stop = stop_now()
+    if iter_num % eval_interval == 0 or iter_num == max_iters or stop:
         if master and (iter_num % eval_interval == 0 or iter_num == max_iters):
             losses = estimate_loss()
             if not (math.isfinite(losses['train']) and math.isfinite(losses['val'])):
@@ -417,10 +459,10 @@ while True:
             if (always_save_checkpoint or losses['val'] <= best_val_loss) and iter_num > start_iter and not eval_only:
                 checkpoint_now()  # (not at the iteration the run started from: nothing has changed yet)
             plot_losses()
-        if master and stop_requested and iter_num > start_iter:
+        if master and stop and iter_num > start_iter:
             checkpoint_now()
             print(f"saved {ckpt_path} at iteration {iter_num}", file=sys.stderr)
-        if eval_only or iter_num >= max_iters or stop_requested:
+        if eval_only or iter_num >= max_iters or stop:
             break
     # one optimizer step over gradient_accumulation_steps micro-batches (on every process)
     for micro_step in range(gradient_accumulation_steps):

@@ -275,3 +275,96 @@ def test_architecture_options_are_stored_and_checked_on_resume(datasets, tmp_pat
     assert_one_line_error(train(out, f'--dataset={d}', '--pos_emb=learned', '--attention=linear',
                                 '--norm_position=post', '--chunk_size=4', '--init_from=resume'),
                           "attention='gla' (settings: 'linear')", "pos_emb='rope' (settings: 'learned')")
+
+
+def start_training(out_dir, *args, **popen):
+    """train.py as a background process, returned once it has printed its first line (the loop is starting)."""
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, 'train.py'), f'--out_dir={out_dir}', *TINY, *args],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    assert 'tokens per iteration' in p.stdout.readline()
+    return p
+
+
+def test_ctrl_c_after_the_loss_became_nan_keeps_the_last_good_checkpoint(datasets, tmp_path):
+    """The loss turns NaN between two loss checks and then the user presses Ctrl-C: the NaN weights are not
+    saved over the good checkpoint, and the run says so."""
+    out = tmp_path / 'run'
+    assert train(out, f'--dataset={datasets["compact"]}', '--max_iters=20', '--eval_interval=20').returncode == 0
+    before = (out / 'ckpt.pt').read_bytes()
+    p = start_training(out, f'--dataset={datasets["compact"]}', '--init_from=resume', '--learning_rate=1e9',
+                       '--warmup_iters=0', '--grad_clip=0', '--log_interval=100000', '--eval_interval=100000',
+                       '--max_iters=1000000')
+    time.sleep(3)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode != 0
+    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith(('overriding', 'SIGINT'))]
+    assert len(lines) == 1 and 'not saved' in lines[0] and 'NaN' in lines[0] and 'keeps the last good state' in lines[0]
+    assert (out / 'ckpt.pt').read_bytes() == before
+
+
+def test_sigterm_saves_like_ctrl_c(datasets, tmp_path):
+    out = tmp_path / 'run'
+    p = start_training(out, f'--dataset={datasets["compact"]}', '--eval_interval=1000', '--max_iters=100000')
+    time.sleep(2)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    assert 'SIGTERM: saving a checkpoint' in err and 'saved' in err
+    assert 0 < torch.load(out / 'ckpt.pt', weights_only=True)['iter_num'] < 100000
+
+
+def test_ctrl_c_under_torchrun_saves(datasets, tmp_path):
+    """Ctrl-C in a terminal reaches torchrun and its workers together, and torchrun then sends its workers
+    SIGTERM: the workers agree on the iteration to stop at, and rank 0 saves. README's command, with its
+    gradient_accumulation_steps=1, runs on 2 processes (rounded up to one micro-batch each)."""
+    out = tmp_path / 'ddp'
+    p = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                          os.path.join(ROOT, 'train.py'), f'--out_dir={out}', *TINY, f'--dataset={datasets["compact"]}',
+                          '--eval_interval=1000', '--max_iters=100000', '--log_interval=1'],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(out / 'log.csv') and len(read_log(out)) > 3):
+        time.sleep(0.2)
+    os.killpg(p.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
+    _, err = p.communicate(timeout=120)
+    assert 'rounded up to 2' in err
+    assert 'saved' in err, err[-2000:]
+    assert 3 < torch.load(out / 'ckpt.pt', weights_only=True)['iter_num'] < 100000
+
+
+def test_a_scratch_run_does_not_overwrite_a_run(datasets, tmp_path):
+    out = tmp_path / 'run'
+    assert train(out, f'--dataset={datasets["compact"]}', '--max_iters=5', '--eval_interval=5').returncode == 0
+    before = (out / 'ckpt.pt').read_bytes()
+    assert_one_line_error(train(out, f'--dataset={datasets["compact"]}', '--max_iters=5'),
+                          f"out_dir '{out}' holds a run already (ckpt.pt)", '--init_from=resume continues it',
+                          '--overwrite=True')
+    assert (out / 'ckpt.pt').read_bytes() == before
+    proc = train(out, f'--dataset={datasets["compact"]}', '--max_iters=6', '--eval_interval=6', '--overwrite=True')
+    assert proc.returncode == 0, proc.stderr
+    assert torch.load(out / 'ckpt.pt', weights_only=True)['iter_num'] == 6
+    (tmp_path / 'afile').write_text('notes')
+    assert_one_line_error(train(tmp_path / 'afile', f'--dataset={datasets["compact"]}'), 'is a file')
+    assert (tmp_path / 'afile').read_text() == 'notes'
+
+
+def test_disk_full_while_saving_keeps_the_old_checkpoint(datasets, tmp_path):
+    """Files may grow to a limit smaller than the checkpoint (as a full disk would stop them): the save fails
+    with one line, the old checkpoint is intact and no temporary file is left behind."""
+    import resource
+    out = tmp_path / 'run'
+    assert train(out, f'--dataset={datasets["compact"]}', '--max_iters=5', '--eval_interval=5').returncode == 0
+    before = (out / 'ckpt.pt').read_bytes()
+    limit = len(before) // 2
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), f'--out_dir={out}', *TINY,
+                           f'--dataset={datasets["compact"]}', '--init_from=resume', '--max_iters=10',
+                           '--eval_interval=5'], cwd=ROOT, capture_output=True, text=True, preexec_fn=small_files,
+                          timeout=120)
+    line = assert_one_line_error(proc, f'could not write {out}/ckpt.pt', 'it keeps the last saved state')
+    assert (out / 'ckpt.pt').read_bytes() == before
+    assert sorted(os.listdir(out)) == ['ckpt.pt', 'log.csv', 'loss.png'], line
