@@ -19,6 +19,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 import fast_cpu
+from load import DATA, GPT2_BPE_FILES
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -111,11 +112,10 @@ if bench == 'decode':
 
     def ct2_engine(compute_type):
         """CTranslate2 (bench-only): its converter wants GPT-2's tokenizer files beside the model, which
-        data/ ships (gpt2-encoder.json is vocab.json, gpt2-vocab.bpe is merges.txt)."""
+        data/ ships (load.GPT2_BPE_FILES names them)."""
         import ctranslate2
-        src = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
-        shutil.copy(os.path.join(src, 'gpt2-encoder.json'), os.path.join(folder, 'vocab.json'))
-        shutil.copy(os.path.join(src, 'gpt2-vocab.bpe'), os.path.join(folder, 'merges.txt'))
+        for ours, _, theirs in GPT2_BPE_FILES:
+            shutil.copy(os.path.join(DATA, ours), os.path.join(folder, theirs))
         out = os.path.join(folder, f'ct2-{compute_type}')
         if not os.path.exists(out):
             ctranslate2.converters.TransformersConverter(folder).convert(out, quantization=compute_type)

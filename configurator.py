@@ -108,6 +108,8 @@ def _configure(g):
                 die(f"expected --key=value or a config file, got {arg!r}")
             if not os.path.isfile(arg):
                 die(f"config file {arg!r} not found")
+            if not arg.endswith('.py'):  # a config file is Python and is run: only ever a .py file the user means
+                die(f"{arg!r} is not a config file (a .py file); settings are --key=value")
             ns = {k: g[k] for k in settings}  # a config file may read the current settings
             try:
                 exec(builtins.compile(open(arg).read(), arg, 'exec'), ns)

@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from load import load_model, save_hf_folder
+from load import check_output, hub_snapshot, load_model, save_hf_folder
 from model import GPT
 
 # -----------------------------------------------------------------------------
@@ -40,14 +40,19 @@ if folder is None:
 if os.path.isfile(folder):
     die(f"folder {folder!r} is a file; give a folder to write the export into")
 try:
+    check_output(os.path.join(folder, 'config.json'), 'folder') if os.path.isdir(folder) else None
     model, tokenizer, _ = load_model(init_from, out_dir, active_layers)
     model = model.eval().to(dtypes[dtype])
-    files = save_hf_folder(model, tokenizer, folder)
+    # a model from a Hub-layout folder keeps that folder's tokenizer files (a GPT-2 of another language has its own)
+    source = None if init_from == 'resume' or init_from.endswith('.pt') or os.path.isfile(init_from) else \
+        init_from if os.path.isdir(init_from) else hub_snapshot(init_from)
+    files = save_hf_folder(model, tokenizer, folder, tokenizer_from=source)
 except (OSError, ValueError) as e:
     die(e)
 
 # read the folder back as any user would, and compare: the export is only done when it computes the same
-idx = torch.randint(0, tokenizer.n_vocab, (1, min(16, model.config.block_size)), generator=torch.Generator().manual_seed(0))
+idx = torch.randint(0, min(tokenizer.n_vocab, model.config.vocab_size), (1, min(16, model.config.block_size)),
+                    generator=torch.Generator().manual_seed(0))
 with torch.no_grad():
     ours, again = model(idx)[0].float(), GPT.from_pretrained(folder).eval().to(dtypes[dtype])(idx)[0].float()
 err = ((ours - again).norm() / ours.norm()).item()

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 import fast_cpu
-from load import find_data_folder, load_model, read_data_folder
-from model import GPT, LSTMSeqModel
+from load import check_output, find_data_folder, load_model, pick_device, read_data_folder
+from model import GPT, CausalSelfAttention, LSTMSeqModel, apply_rope, gated_scores
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # 'resume', a .pt file, a GPT-2 name, a Hub repo id, or a local folder (as in sample.py)
@@ -53,8 +53,19 @@ def die(msg):
     sys.exit(f"interpret.py: error: {msg}")
 
 
-if device == 'auto':
-    device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+try:  # every setting, and that the outputs can be written, before the work
+    device = pick_device(device)
+    for name, path in (('attention_png', attention_png), ('out_json', out_json), ('sae_html', sae and sae_html)):
+        if path:
+            check_output(path, name)
+except ValueError as e:
+    die(e)
+for name in ('sae_tokens', 'sae_eval_tokens', 'sae_features', 'sae_batch', 'sae_epochs', 'top_features',
+             'examples_per_feature'):
+    if globals()[name] < 1:
+        die(f"{name}={globals()[name]} must be >= 1")
+if not sae_lr > 0 or not sae_l1 >= 0:
+    die(f"sae_lr={sae_lr} must be > 0 and sae_l1={sae_l1} >= 0")
 if attention_png:
     try:
         import matplotlib
@@ -78,6 +89,25 @@ model.eval().to(device)
 fast_cpu.optimize(model)
 
 # -- attention maps ----------------------------------------------------------------------------------------
+
+
+def attention_weights(attn, x, rope=None):
+    """The (B, n_head, T, T) causal matrix by which an attention layer mixes its values for input x:
+    - softmax attention: its probabilities, softmax(q k^T / sqrt(d)) under the causal mask;
+    - linear attention: phi(q_t) . phi(k_s), rotated by RoPE, over the normalizer phi(q_t) . sum_s phi(k_s)
+      (not rotated; RoFormer eq. 19): rows sum to 1 without RoPE;
+    - GLA: q_t . (decay * k_s), which multiplies v before the head norm and output gate; it has signs."""
+    if isinstance(attn, CausalSelfAttention):
+        q, k, _ = attn.qkv(x, rope)
+        future = torch.full((q.size(2), q.size(2)), float('-inf'), device=x.device).triu(1)  # the causal mask
+        return ((q @ k.transpose(-1, -2)) / math.sqrt(q.size(-1)) + future).softmax(dim=-1)
+    q, k, _ = attn.qkv(x)
+    rq, rk = (q, k) if rope is None else (apply_rope(q, *rope), apply_rope(k, *rope))
+    if attn.gated:
+        return gated_scores(rq, rk, attn.log_decay(x).cumsum(dim=2))
+    return (rq @ rk.transpose(-1, -2)).tril() / (q @ k.transpose(-1, -2)).tril().sum(dim=-1, keepdim=True)
+
+
 if attention_png:
     if not isinstance(model, GPT):
         print(f"no attention maps: a {type(model).__name__} has no attention", file=sys.stderr)
@@ -87,7 +117,8 @@ if attention_png:
         hooks = [b.attn.register_forward_pre_hook(lambda m, args: inputs.append(args)) for b in model.transformer.h]
         with torch.no_grad():
             model(idx)
-            maps = [b.attn.weights(args[0], args[2])[0].float().cpu() for b, args in zip(model.transformer.h, inputs)]
+            maps = [attention_weights(b.attn, args[0], args[2])[0].float().cpu()
+                    for b, args in zip(model.transformer.h, inputs)]
         for h in hooks:
             h.remove()
         labels = [tokenizer.decode([i]).replace('\n', '\\n') for i in idx[0].tolist()]
@@ -161,12 +192,13 @@ def loss_with(idx, replace=None):
 # tokens: a data folder's train.bin (its ids mapped into the model's vocabulary) or a text file
 if sae_folder:
     try:
-        vocab, splits = read_data_folder(sae_folder)
+        vocab, splits = read_data_folder(sae_folder, check=False)  # only the ids it reads are checked, below
         table = tokenizer.table(vocab)
     except (OSError, ValueError) as e:
         die(f"sae_data {sae_folder}: {e}")
-    ids = table[torch.from_numpy(splits['train'][:sae_tokens + sae_eval_tokens + context_len].astype(np.int64))]
-    if (ids < 0).any():
+    raw = torch.from_numpy(splits['train'][:sae_tokens + sae_eval_tokens + context_len].astype(np.int64))
+    ids = table[raw.clamp(max=len(table) - 1)]
+    if raw.numel() and raw.max() >= len(table) or (ids < 0).any():
         die(f"{sae_data} has tokens this model's vocabulary ({tokenizer.describe()}) lacks; use the data it was "
             f"trained on")
     ids = ids.tolist()

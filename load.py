@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -22,9 +23,10 @@ import torch
 import torch.nn as nn
 
 from model import (CONV1D, GPT, HF_ACTIVATIONS, SAFETENSORS_DTYPES, GPTConfig, KGramMLPSeqModel, LSTMSeqModel,
-                   safe_torch_load)
+                   check_config, check_shapes, safe_torch_load)
 
-ROOT = os.path.dirname(os.path.abspath(__file__))  # this repo: data/ holds the bundled data and BPE files
+ROOT = os.path.dirname(os.path.abspath(__file__))  # this repo; bundled folders are prepared into ROOT/data
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')  # the bundled text and GPT-2's BPE files
 
 # -----------------------------------------------------------------------------
 # The Hub
@@ -66,7 +68,8 @@ def hub_snapshot(name):
     if not re.fullmatch(r'[\w.-]+/[\w.-]+', repo) or '..' in repo:
         raise ValueError(f"init_from={name!r} is not a GPT-2 name ({', '.join(GPT2_NAMES)}), a Hub repo id "
                          f"(org/name), an existing folder, or a .pt checkpoint")
-    cached = hf_cache_snapshot(repo)
+    # transformers caches GPT-2 under its old id 'gpt2' as well as under 'openai-community/gpt2'
+    cached = hf_cache_snapshot(repo) or (hf_cache_snapshot(name) if name in GPT2_NAMES else None)
     if cached:
         return cached
     folder = os.path.join(cache_dir(), 'hub', repo.replace('/', '--'))
@@ -92,6 +95,7 @@ def file_lock(path):
     """An exclusive lock on the file path (created if need be) while the block runs, so that of several
     processes wanting one download, one downloads and the others wait for it. Released when the file closes,
     also when the process dies."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, 'a+b') as f:
         if os.name == 'nt':
             import msvcrt
@@ -240,42 +244,56 @@ def _sha256(path):
 MODEL_TYPES = {'gpt': GPT, 'transformer': GPT, 'gpt2': GPT, 'lstm': LSTMSeqModel, 'kgram_mlp': KGramMLPSeqModel}
 
 
-def build_model(model_type, model_args):
-    """A fresh model of a type in MODEL_TYPES from its constructor arguments (as a checkpoint stores them)."""
+def build_model(model_type, model_args, weights=None, where='model_args'):
+    """A fresh model of a type in MODEL_TYPES from its constructor arguments (as a checkpoint stores them). With
+    weights ({name: tensor}), the arguments are first checked against them without allocating anything
+    (model.check_shapes): sizes the weights lack are refused with one line, before they could exhaust memory."""
     if model_type not in MODEL_TYPES:
         raise ValueError(f"model_type={model_type!r} is not one of: {', '.join(MODEL_TYPES)}")
     cls = MODEL_TYPES[model_type]
     if cls is GPT:
-        known = {f.name for f in fields(GPTConfig)}
-        unknown = sorted(set(model_args) - known)
+        unknown = sorted(set(model_args) - {f.name for f in fields(GPTConfig)})
         if unknown:
             raise ValueError(f"model_args has fields this model.py does not know: {', '.join(unknown)}")
-        return GPT(GPTConfig(**model_args))
-    return cls(**model_args)
+        config = GPTConfig(**model_args)
+        check_config(config)
+        if weights is not None:
+            check_shapes(config, weights, where)  # the count of blocks first: building 10**5 takes minutes
+    elif cls is KGramMLPSeqModel and weights is not None:
+        n = len([k for k in weights if re.fullmatch(r'net\.\d+\.weight', k)]) - 1
+        if n != model_args.get('num_inner_layers', 1):
+            raise ValueError(f"{where}: num_inner_layers={model_args.get('num_inner_layers', 1)} but the weights "
+                             f"hold {n} inner layers")
+    make = (lambda: GPT(config)) if cls is GPT else (lambda: cls(**model_args))
+    if weights is not None:
+        with torch.device('meta'):  # shapes only, no memory
+            check_shapes(make(), weights, where)
+    return make()
 
 
 def load_checkpoint(path):
     """A model from a checkpoint written by our train.py (any model_type) or by nanoGPT's (keys model,
-    model_args, config). Returns (model, checkpoint dict)."""
+    model_args, config). Returns (model, checkpoint dict). Its model_args are checked against its weights
+    before anything is built for real (build_model)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path} not found")
     ckpt = safe_torch_load(path)
-    if not isinstance(ckpt, dict) or 'model' not in ckpt or 'model_args' not in ckpt:
-        raise ValueError(f"{path} is not a training checkpoint (it needs the keys 'model' and 'model_args')")
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get('model'), dict) or not isinstance(
+            ckpt.get('model_args'), dict):
+        raise ValueError(f"{path} is not a training checkpoint (it needs the keys 'model' and 'model_args', dicts)")
     model_type = ckpt.get('model_type', 'gpt')
     args = dict(ckpt['model_args'])
     if MODEL_TYPES.get(model_type) is GPT:
         # nanoGPT's checkpoints predate our architecture fields: they were trained with the exact GELU
         args.setdefault('activation', 'gelu')
-    try:
-        model = build_model(model_type, args)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"{path}: {e}") from None
     # torch.compile prefixes every key with _orig_mod.; old nanoGPT models also saved their causal mask
-    sd = {k.removeprefix('_orig_mod.'): v for k, v in ckpt['model'].items()}
-    sd = {k: v for k, v in sd.items() if not k.endswith('.attn.bias') or k in model.state_dict()}
+    sd = {str(k).removeprefix('_orig_mod.'): v for k, v in ckpt['model'].items() if isinstance(v, torch.Tensor)}
+    sd = {k: v for k, v in sd.items() if not k.endswith('.attn.bias')}  # (ours: c_attn.bias, never .attn.bias)
     try:
+        model = build_model(model_type, args, sd, path)
         model.load_state_dict(sd)
+    except (ValueError, TypeError) as e:
+        raise ValueError(e if str(e).startswith(path) else f"{path}: {e}") from None
     except RuntimeError as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         raise ValueError(f"{path}: weights do not match model_args: {lines[1] if len(lines) > 1 else lines[0]}") from None
@@ -309,7 +327,8 @@ def save_checkpoint(ckpt, path):
 # -----------------------------------------------------------------------------
 # The tokenizer
 
-GPT2_BPE_FILES = {'vocab.bpe': 'gpt2-vocab.bpe', 'encoder.json': 'gpt2-encoder.json'}  # tiktoken's name: ours in data/
+# GPT-2's BPE files, shipped in data/: (our name, the name tiktoken downloads, the name in a Hub folder)
+GPT2_BPE_FILES = [('gpt2-vocab.bpe', 'vocab.bpe', 'merges.txt'), ('gpt2-encoder.json', 'encoder.json', 'vocab.json')]
 
 
 def gpt2_encoding():
@@ -320,13 +339,12 @@ def gpt2_encoding():
     cache = os.environ.get('TIKTOKEN_CACHE_DIR') or os.environ.get('DATA_GYM_CACHE_DIR') or \
         os.path.join(tempfile.gettempdir(), 'data-gym-cache')
     base = 'https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/'
-    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
     try:
-        for name, ours in GPT2_BPE_FILES.items():
+        for ours, name, _ in GPT2_BPE_FILES:
             dst = os.path.join(cache, hashlib.sha1((base + name).encode()).hexdigest())  # tiktoken's cache key
-            if not os.path.exists(dst) and os.path.exists(os.path.join(src, ours)):
+            if not os.path.exists(dst) and os.path.exists(os.path.join(DATA, ours)):
                 os.makedirs(cache, exist_ok=True)
-                with open(os.path.join(src, ours), 'rb') as fi, open(dst + f'.{os.getpid()}.tmp', 'wb') as fo:
+                with open(os.path.join(DATA, ours), 'rb') as fi, open(dst + f'.{os.getpid()}.tmp', 'wb') as fo:
                     fo.write(fi.read())
                 os.replace(dst + f'.{os.getpid()}.tmp', dst)
     except OSError:
@@ -366,11 +384,15 @@ class Tokenizer:
     def from_spec(cls, spec):
         """The tokenizer a checkpoint or data folder names: {'name': 'gpt2', 'id_map': ...} or {'name': 'char',
         'chars': [...]}."""
-        if spec.get('name', 'gpt2') == 'char' and isinstance(spec.get('chars'), list):
-            return cls(chars=spec['chars'])
-        if spec.get('name', 'gpt2') == 'gpt2':
-            return cls(id_map=spec.get('id_map'))
-        raise ValueError(f"tokenizer {spec.get('name')!r} is not supported (gpt2, or char with its list of chars)")
+        name = spec.get('name', 'gpt2') if isinstance(spec, dict) else None
+        chars, id_map = (spec.get('chars'), spec.get('id_map')) if isinstance(spec, dict) else (None, None)
+        if name == 'char' and isinstance(chars, list) and chars and all(isinstance(c, str) and c for c in chars):
+            return cls(chars=chars)
+        if name == 'gpt2' and (id_map is None or isinstance(id_map, list) and id_map and all(
+                type(i) is int and 0 <= i < 50257 for i in id_map)):
+            return cls(id_map=id_map)
+        raise ValueError(f"the tokenizer {spec!r:.80} is not one this repo knows (gpt2 with an id_map of GPT-2 ids, or "
+                         f"char with its list of characters)")
 
     def spec(self):
         return dict(name='char', chars=self.chars) if self.chars is not None else dict(name='gpt2', id_map=self.id_map)
@@ -445,21 +467,25 @@ class PlainUnpickler(pickle.Unpickler):
 def read_meta_pkl(path):
     """The characters of a nanoGPT char-level meta.pkl ({'vocab_size': n, 'stoi': {ch: i}, 'itos': {i: ch}}),
     as a list by id. Read with PlainUnpickler, then checked to hold only dicts, ints and strings that agree."""
-    def plain(x):
-        if isinstance(x, dict):
-            return all(plain(k) and plain(v) for k, v in x.items())
-        return type(x) in (int, str)
+    if os.path.getsize(path) > 1 << 24:
+        raise ValueError(f"{path}: refused: {os.path.getsize(path):,} bytes is no character vocabulary")
     try:
         with open(path, 'rb') as f:
             meta = PlainUnpickler(f).load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
-            MemoryError) as e:
+            MemoryError, RecursionError) as e:
         raise ValueError(f"{path}: refused: {e}") from None
-    if not plain(meta):
-        raise ValueError(f"{path}: refused: it holds more than dicts, ints and strings")
-    itos, stoi, n = meta.get('itos'), meta.get('stoi'), meta.get('vocab_size')
-    if not (isinstance(itos, dict) and isinstance(stoi, dict) and isinstance(n, int) and sorted(itos) == list(range(n))
-            and all(isinstance(c, str) and stoi.get(c) == i for i, c in itos.items())):
+    todo, seen = [meta], 0
+    while todo:  # dicts, ints and strings only, looked at without recursion (a pickle can nest 10**5 deep)
+        x = todo.pop()
+        seen += 1
+        if isinstance(x, dict) and seen < 1 << 20:
+            todo += [*x.keys(), *x.values()]
+        elif type(x) not in (int, str) or seen >= 1 << 20:
+            raise ValueError(f"{path}: refused: it holds more than dicts, ints and strings")
+    itos, stoi, n = (meta.get('itos'), meta.get('stoi'), meta.get('vocab_size')) if isinstance(meta, dict) else [None] * 3
+    if not (isinstance(itos, dict) and isinstance(stoi, dict) and isinstance(n, int) and len(itos) == n
+            and all(type(i) is int and 0 <= i < n and isinstance(c, str) and stoi.get(c) == i for i, c in itos.items())):
         raise ValueError(f"{path} is not a char-level vocabulary nanoGPT would write: it needs vocab_size, and itos "
                          f"(ids 0..vocab_size-1) and stoi that invert each other")
     return [itos[i] for i in range(n)]
@@ -490,11 +516,13 @@ def find_data_folder(name):
     if bundled in BUNDLED and os.path.normpath(name) in (bundled, os.path.join('data', bundled)):
         source, settings = BUNDLED[bundled]
         out_dir = os.path.join(ROOT, 'data', bundled)
-        args = ''.join(f" --{k}={v}" for k, v in settings.items())
-        print(f"{name}: not prepared yet; preparing it from the bundled data/{source} (as python data/prepare.py "
-              f"--source=data/{source}{args} --out_dir=data/{bundled})", file=sys.stderr)
-        prepare_data([os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', source)], out_dir,
-                     source=f"data/{source}", quiet=True, **settings)
+        # under torchrun every process comes here: one prepares while the others wait, then find it done
+        with file_lock(os.path.join(ROOT, 'data', f'.{bundled}.lock')):
+            if not os.path.isdir(out_dir):  # (prepare_data makes the folder only once it is complete)
+                args = ''.join(f" --{k}={v}" for k, v in settings.items())
+                print(f"{name}: not prepared yet; preparing it from the bundled data/{source} (as python "
+                      f"data/prepare.py --source=data/{source}{args} --out_dir=data/{bundled})", file=sys.stderr)
+                prepare_data([os.path.join(DATA, source)], out_dir, source=f"data/{source}", quiet=True, **settings)
         return out_dir
     if os.path.isfile(name):
         raise FileNotFoundError(f"{name} is a text file; prepare it first: python data/prepare.py --source={name}")
@@ -502,11 +530,12 @@ def find_data_folder(name):
                             f"with data/prepare.py, or name one of the bundled: {', '.join(BUNDLED)}")
 
 
-def read_data_folder(folder):
+def read_data_folder(folder, check=True):
     """(vocab, {'train': ids, 'val': ids}) of a data folder, the ids memory-mapped. vocab says what the ids are:
     {'name': 'gpt2', 'id_map': list or None} (our meta.json; a folder without meta, as nanoGPT's openwebtext,
-    holds GPT-2 ids) or {'name': 'char', 'chars': [...]} (meta.json, or nanoGPT's meta.pkl). Every id is checked
-    against that vocabulary, so a folder is refused with one line (ValueError) rather than trained on wrongly."""
+    holds GPT-2 ids) or {'name': 'char', 'chars': [...]} (meta.json, or nanoGPT's meta.pkl). With check, every id
+    is checked against that vocabulary (reading the whole folder once), so a folder is refused with one line
+    (ValueError) rather than trained on wrongly."""
     for split in ('train', 'val'):
         if not os.path.exists(os.path.join(folder, f'{split}.bin')):
             raise FileNotFoundError(f"data folder {folder!r} has no {split}.bin (make it with data/prepare.py)")
@@ -537,13 +566,18 @@ def read_data_folder(folder):
         if meta and meta.get(f'{split}_tokens') not in (None, size // 2):
             raise ValueError(f"{path} has {size // 2} tokens but meta.json says {meta[f'{split}_tokens']}: the folder "
                              f"is a mix of two preparations; remake it with data/prepare.py")
+        if not check or not size:
+            continue
         n_vocab = len(vocab['chars']) if vocab['name'] == 'char' else 50257
-        allowed = vocab.get('id_map')
-        counts = np.zeros(1 << 16, dtype=np.int64)  # how often each uint16 id occurs, read in pieces of 16M ids
-        for i in range(0, len(data[split]), 1 << 24):
-            counts += np.bincount(data[split][i:i + (1 << 24)], minlength=1 << 16)
-        used = np.flatnonzero(counts)
-        bad = used[used >= n_vocab] if allowed is None else np.setdiff1d(used, allowed)
+        allowed, pieces = vocab.get('id_map'), range(0, len(data[split]), 1 << 24)  # read 16M ids at a time
+        if allowed is None:  # ids below the vocabulary's size: the largest tells
+            top = max(int(data[split][i:i + (1 << 24)].max()) for i in pieces)
+            bad = [top] if top >= n_vocab else []
+        else:  # only the ids of the id map: which ids occur at all
+            used = np.zeros(1 << 16, dtype=bool)
+            for i in pieces:
+                used[np.unique(data[split][i:i + (1 << 24)])] = True
+            bad = np.setdiff1d(np.flatnonzero(used), allowed)
         if len(bad):
             what = (f"{n_vocab} characters (meta.{'json' if meta else 'pkl'})" if vocab['name'] == 'char' else
                     "GPT-2's 50,257 BPE tokens" if allowed is None else f"the {len(allowed)} ids of its meta.json id_map")
@@ -586,29 +620,44 @@ def documents(path, layout):
 def prepare_data(files, out_dir, tokenizer='gpt2', compact_vocab=False, format='auto', val_fraction=0.1,
                  fixed_splits=None, source=None, quiet=False):
     """Tokenize text files into a data folder for train.py (nanoGPT's layout: train.bin and val.bin of uint16
-    ids, plus meta.json, and nanoGPT's meta.pkl for characters). Every file is written to a temporary name and
-    renamed into place only when all are complete, meta.json last, so a failure leaves the folder as it was.
+    ids, plus meta.json, and nanoGPT's meta.pkl for characters), all or nothing: a new folder is written under
+    a temporary name and renamed into place when complete; in an existing one, every file is written to a
+    temporary name and renamed when all are complete, meta.json last. A failure leaves things as they were.
     tokenizer 'gpt2': each document is followed by a separator (<|endoftext|>, or a newline for 'lines'), and a
     val_fraction of the documents, spread evenly, is held out (or fixed_splits gives each file's split);
     compact_vocab records the GPT-2 ids used. tokenizer 'char': the vocabulary is the text's sorted characters
     and the last val_fraction of the text is held out, as nanoGPT's shakespeare_char."""
     log = (lambda *a, **k: None) if quiet else (lambda *a, **k: print(*a, file=sys.stderr, **k))
-    os.makedirs(out_dir, exist_ok=True)
-    tmp = {name: os.path.join(out_dir, f'{name}.tmp-{os.getpid()}')
-           for name in ('train.bin', 'val.bin', 'meta.json', 'meta.pkl')}
+    new_folder = not os.path.exists(out_dir)
+    work = f"{os.path.normpath(out_dir)}.tmp-{os.getpid()}" if new_folder else out_dir
+    os.makedirs(work, exist_ok=True)
+    tmp = {name: os.path.join(work, f'{name}.tmp-{os.getpid()}') for name in ('train.bin', 'val.bin', 'meta.json',
+                                                                            'meta.pkl')}
     counts, n_docs, layouts = {'train': 0, 'val': 0}, {'train': 0, 'val': 0}, []
     try:
         if tokenizer == 'char':
-            text = ''.join(open(f, encoding='utf-8').read() for f in files)
-            chars = sorted(set(text))
-            if len(chars) > 65535:
+            def pieces():  # the text in pieces of 16M characters: a large file never sits in memory whole
+                for path in files:
+                    with open(path, encoding='utf-8') as f:
+                        while piece := f.read(1 << 24):
+                            yield piece
+            chars, total = set(), 0
+            for piece in pieces():  # first pass: the vocabulary and the length (the split is by position)
+                chars.update(piece)
+                total += len(piece)
+            chars = sorted(chars)
+            if len(chars) > 1 << 16:
                 raise ValueError(f"{len(chars)} distinct characters do not fit uint16 ids")
             stoi = {c: i for i, c in enumerate(chars)}
-            ids = np.array([stoi[c] for c in text], dtype=np.uint16)
-            n_train = int(len(ids) * (1 - val_fraction))
-            for split, part in (('train', ids[:n_train]), ('val', ids[n_train:])):
-                part.tofile(tmp[f'{split}.bin'])
-                counts[split], n_docs[split] = len(part), 1
+            n_train, done = int(total * (1 - val_fraction)), 0
+            with open(tmp['train.bin'], 'wb') as train_f, open(tmp['val.bin'], 'wb') as val_f:
+                for piece in pieces():  # second pass: the ids, the first n_train to train.bin, the rest to val.bin
+                    ids = np.array([stoi[c] for c in piece], dtype=np.uint16)
+                    cut = min(max(n_train - done, 0), len(ids))
+                    train_f.write(ids[:cut].tobytes())
+                    val_f.write(ids[cut:].tobytes())
+                    done += len(ids)
+            counts, n_docs = {'train': n_train, 'val': total - n_train}, {'train': 1, 'val': 1}
             with open(tmp['meta.pkl'], 'wb') as f:  # nanoGPT's own format, so its sample.py reads the folder too
                 pickle.dump({'vocab_size': len(chars), 'itos': dict(enumerate(chars)), 'stoi': stoi}, f)
             vocab = dict(tokenizer='char', chars=chars, vocab_size=len(chars))
@@ -656,13 +705,17 @@ def prepare_data(files, out_dir, tokenizer='gpt2', compact_vocab=False, format='
                            val_documents=n_docs['val']), f)
         for name in ('train.bin', 'val.bin', 'meta.pkl', 'meta.json'):  # all written: into place, meta.json last
             if os.path.exists(tmp[name]):
-                os.replace(tmp[name], os.path.join(out_dir, name))
-            elif name == 'meta.pkl' and os.path.exists(os.path.join(out_dir, name)):
-                os.remove(os.path.join(out_dir, name))  # a character vocabulary of an earlier preparation
+                os.replace(tmp[name], os.path.join(work, name))
+            elif name == 'meta.pkl' and os.path.exists(os.path.join(work, name)):
+                os.remove(os.path.join(work, name))  # a character vocabulary of an earlier preparation
+        if new_folder:
+            os.rename(work, out_dir)
     finally:
         for path in tmp.values():
             if os.path.exists(path):
                 os.remove(path)
+        if new_folder and os.path.isdir(work):
+            shutil.rmtree(work)
     return vocab, counts, n_docs
 
 
@@ -730,30 +783,84 @@ def hf_gpt2(model, tokenizer):
     return config, sd
 
 
-def save_hf_folder(model, tokenizer, folder):
-    """Write model as a Hub-layout folder: config.json, model.safetensors and, for GPT-2's vocabulary, its
-    tokenizer files (vocab.json and merges.txt are data/'s gpt2-encoder.json and gpt2-vocab.bpe)."""
+HF_TOKENIZER_FILES = ('vocab.json', 'merges.txt', 'tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json',
+                      'added_tokens.json')
+
+
+def save_hf_folder(model, tokenizer, folder, tokenizer_from=None):
+    """Write model as a Hub-layout folder: config.json, model.safetensors, and tokenizer files: those of the
+    folder the model came from (tokenizer_from) when it has any, else GPT-2's for GPT-2's vocabulary (data/'s BPE
+    files), else none. All is written to a temporary folder and then moved in, config.json last; tokenizer files
+    of an earlier export that this one does not write are removed, so a folder never mixes two models."""
     config, sd = hf_gpt2(model, tokenizer)
-    os.makedirs(folder, exist_ok=True)
-    save_safetensors(sd, os.path.join(folder, 'model.safetensors'))
-    files = {'config.json': config}
-    if tokenizer.chars is None:
-        special = '<|endoftext|>'
-        files['tokenizer_config.json'] = dict(tokenizer_class='GPT2Tokenizer', model_max_length=config['n_positions'],
-                                              bos_token=special, eos_token=special, unk_token=special,
-                                              add_prefix_space=False)
-        files['special_tokens_map.json'] = dict(bos_token=special, eos_token=special, unk_token=special)
-        for ours, theirs in (('gpt2-encoder.json', 'vocab.json'), ('gpt2-vocab.bpe', 'merges.txt')):
-            with open(os.path.join(ROOT, 'data', ours), 'rb') as fi, open(os.path.join(folder, theirs), 'wb') as fo:
-                fo.write(fi.read())
-    for name, content in files.items():
-        with open(os.path.join(folder, name), 'w') as f:
-            json.dump(content, f, indent=2)
-    return sorted(os.listdir(folder))
+    tmp = f"{os.path.normpath(folder)}.tmp-{os.getpid()}"
+    os.makedirs(tmp, exist_ok=True)
+    try:
+        save_safetensors(sd, os.path.join(tmp, 'model.safetensors'))
+        theirs = [f for f in HF_TOKENIZER_FILES if tokenizer_from and os.path.isfile(os.path.join(tokenizer_from, f))]
+        for name in theirs:
+            shutil.copy(os.path.join(tokenizer_from, name), os.path.join(tmp, name))
+        files = {'config.json': config}
+        if not theirs and tokenizer.chars is None:
+            special = '<|endoftext|>'
+            files['tokenizer_config.json'] = dict(tokenizer_class='GPT2Tokenizer', bos_token=special, eos_token=special,
+                                                  unk_token=special, model_max_length=config['n_positions'],
+                                                  add_prefix_space=False)
+            files['special_tokens_map.json'] = dict(bos_token=special, eos_token=special, unk_token=special)
+            for ours, _, name in GPT2_BPE_FILES:
+                shutil.copy(os.path.join(DATA, ours), os.path.join(tmp, name))
+        for name, content in files.items():
+            with open(os.path.join(tmp, name), 'w') as f:
+                json.dump(content, f, indent=2)
+        os.makedirs(folder, exist_ok=True)
+        for name in HF_TOKENIZER_FILES + ('model.safetensors', 'config.json'):  # config.json last
+            if os.path.exists(os.path.join(tmp, name)):
+                os.replace(os.path.join(tmp, name), os.path.join(folder, name))
+            elif name in HF_TOKENIZER_FILES and os.path.exists(os.path.join(folder, name)):
+                os.remove(os.path.join(folder, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return sorted(f for f in os.listdir(folder) if f in HF_TOKENIZER_FILES + ('model.safetensors', 'config.json'))
 
 
 # -----------------------------------------------------------------------------
-# The model every script starts from, and where it runs
+# The model every script starts from, and where it runs; what the scripts check before their work
+
+
+def check_output(path, setting):
+    """Refuse (ValueError, one line) an output file that could not be written, before the work that makes it:
+    a folder, or a path whose folder is missing or read-only."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"{setting}={path!r} is a folder; give a file name")
+    if not os.path.isdir(folder):
+        raise ValueError(f"{setting}={path!r}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"{setting}={path!r}: cannot write into {folder}")
+
+
+def read_prompt(start):
+    """The prompt a script was given: the text itself, or 'FILE:path' for a UTF-8 text file (ValueError)."""
+    if not start.startswith('FILE:'):
+        return start
+    path = start[5:]
+    if not os.path.isfile(path):
+        raise ValueError(f"prompt file {path!r} {'is a folder' if os.path.isdir(path) else 'not found'}")
+    try:
+        with open(path, encoding='utf-8') as f:
+            return f.read()
+    except UnicodeDecodeError:
+        raise ValueError(f"prompt file {path!r} is not UTF-8 text") from None
+
+
+def memory_bytes():
+    """This machine's physical memory in bytes, or None where the OS does not say. Linux overcommits: an
+    allocation far too large succeeds and the kernel kills the process later, so the scripts compare their
+    estimates with this first."""
+    try:
+        return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def pick_device(device):
@@ -774,27 +881,32 @@ def pick_device(device):
     return device
 
 
-
 def checkpoint_tokenizer(ckpt, n_vocab, path):
     """The tokenizer of a checkpoint: the one it names (ours), else, for nanoGPT's, the meta.pkl of the data
-    folder its config names, where nanoGPT's sample.py looks (data/<dataset>/meta.pkl, from the current folder;
-    then in this repo), else GPT-2's BPE. Refused when it has more tokens than the model's n_vocab (ValueError)."""
-    dataset = (ckpt.get('config') or {}).get('dataset') if isinstance(ckpt.get('config'), dict) else None
+    folder its config names, where nanoGPT's sample.py looks (data/<dataset>/meta.pkl from the current folder;
+    then in this repo, whose bundled shakespeare_char is prepared if need be), else GPT-2's BPE. Refused when
+    it does not fit the model's n_vocab embedding rows (ValueError)."""
+    config = ckpt.get('config') if isinstance(ckpt.get('config'), dict) else {}
+    dataset = config.get('dataset') if isinstance(config.get('dataset'), str) else ''
     looked = []
     if ckpt.get('tokenizer'):
         tokenizer = Tokenizer.from_spec(ckpt['tokenizer'])
+    elif dataset and n_vocab < 50257:  # nanoGPT writes no tokenizer: a small vocabulary is its meta.pkl's
+        looked = list(dict.fromkeys(os.path.join(d, 'data', dataset, 'meta.pkl') for d in ('.', ROOT)))
+        found = [m for m in looked if os.path.isfile(m)]
+        if not found and BUNDLED.get(dataset, ('', {}))[1].get('tokenizer') == 'char':
+            found = [os.path.join(find_data_folder(dataset), 'meta.pkl')]
+        if not found:
+            raise ValueError(f"{path}: the model's vocabulary has {n_vocab} tokens and the checkpoint names no "
+                             f"tokenizer; nanoGPT's sample.py reads {looked[0]}, which is not here (looked at "
+                             f"{', '.join(looked)}): copy that data folder here")
+        tokenizer = Tokenizer(chars=read_meta_pkl(found[0]))
     else:
-        tokenizer = None
-        if isinstance(dataset, str) and dataset:
-            looked = list(dict.fromkeys(os.path.join(d, 'data', dataset, 'meta.pkl') for d in ('.', ROOT)))
-            found = [m for m in looked if os.path.isfile(m)]
-            tokenizer = Tokenizer(chars=read_meta_pkl(found[0])) if found else None
-        tokenizer = tokenizer or Tokenizer()
-    if n_vocab < tokenizer.n_vocab:
-        where = f"; nanoGPT's sample.py reads {looked[0]}, which is not here (looked at {', '.join(looked)}): copy " \
-                f"that data folder here" if looked else ""
-        raise ValueError(f"{path}: the model's vocabulary has {n_vocab} tokens, fewer than its tokenizer's "
-                         f"({tokenizer.describe()}), and the checkpoint names no other{where}")
+        tokenizer = Tokenizer()
+    # GPT-2's ids may leave padding rows unused (nanoGPT's 50,304); a character for each row, exactly
+    if n_vocab < tokenizer.n_vocab or tokenizer.chars is not None and n_vocab != tokenizer.n_vocab:
+        raise ValueError(f"{path}: the model's vocabulary has {n_vocab} tokens but its tokenizer has "
+                         f"{tokenizer.describe()}{f' ({looked[0]})' if looked else ''}")
     return tokenizer
 
 
@@ -819,4 +931,8 @@ def load_model(init_from, out_dir='out', active_layers=None):
     parent = os.path.dirname(os.path.normpath(init_from))
     if not os.path.isdir(init_from) and (init_from.startswith(('.', '/', '~')) or parent and os.path.isdir(parent)):
         raise FileNotFoundError(f"model folder {init_from!r} does not exist")
-    return GPT.from_pretrained(init_from, active_layers=active_layers), Tokenizer(), None
+    model = GPT.from_pretrained(init_from, active_layers=active_layers)
+    if model.config.vocab_size < 50257:  # a folder's tokenizer is GPT-2's here: its ids must all have rows
+        raise ValueError(f"{init_from}: the model's vocabulary has {model.config.vocab_size} tokens, fewer than GPT-2's "
+                         f"50257, and a model folder names no other tokenizer here; use the checkpoint it came from")
+    return model, Tokenizer(), None

@@ -48,6 +48,13 @@ ACTIVATIONS = {'gelu_tanh': lambda x: F.gelu(x, approximate='tanh'), 'gelu': F.g
 
 def check_config(config):
     """One-line errors for option values a model cannot be built with."""
+    for name, ok in (('n_layer', config.n_layer >= 1), ('n_head', config.n_head >= 1), ('n_embd', config.n_embd >= 1),
+                     ('vocab_size', config.vocab_size >= 1), ('block_size', config.block_size >= 1),
+                     ('chunk_size', config.chunk_size >= 1), ('dropout', 0 <= config.dropout < 1),
+                     ('norm_eps', config.norm_eps > 0)):
+        if not ok:
+            raise ValueError(f"{name}={getattr(config, name)} is out of range (sizes >= 1, 0 <= dropout < 1, "
+                             f"norm_eps > 0)")
     allowed = {'activation': tuple(ACTIVATIONS), 'norm': ('layernorm', 'rmsnorm'), 'norm_position': ('pre', 'post'),
                'pos_emb': ('learned', 'rope', 'none'), 'attention': ('softmax', 'linear', 'gla')}
     for name, values in allowed.items():
@@ -61,8 +68,6 @@ def check_config(config):
                          f"(a multiple of 4 with pos_emb='rope')")
     if config.pos_emb == 'rope' and head % 2:
         raise ValueError(f"pos_emb='rope' rotates pairs of dimensions: the head size ({head}) must be even")
-    if config.chunk_size < 1:
-        raise ValueError(f"chunk_size={config.chunk_size} must be >= 1")
 
 
 # -----------------------------------------------------------------------------
@@ -85,9 +90,8 @@ class RMSNorm(nn.Module):
 
 
 def make_norm(config):
-    if config.norm == 'rmsnorm':
-        return RMSNorm(config.n_embd, eps=config.norm_eps)
-    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+    return RMSNorm(config.n_embd, eps=config.norm_eps) if config.norm == 'rmsnorm' else \
+        nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
 
 
 def rope_tables(head_dim, n_pos, base):
@@ -157,12 +161,6 @@ class CausalSelfAttention(nn.Module):
                                            is_causal=T > 1)
         y = y.to(x.dtype).transpose(1, 2).reshape(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
-
-    def weights(self, x, rope=None):
-        """The (B, n_head, T, T) attention probabilities, for looking at only."""
-        q, k, _ = self.qkv(x, rope)
-        future = torch.full((q.size(2), q.size(2)), float('-inf'), device=x.device).triu(1)  # the causal mask
-        return ((q @ k.transpose(-1, -2)) / math.sqrt(q.size(-1)) + future).softmax(dim=-1)
 
 
 # -----------------------------------------------------------------------------
@@ -301,16 +299,6 @@ class LinearAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
 
-    def weights(self, x, rope=None):
-        """The (B, n_head, T, T) causal matrix that mixes the values, for looking at: for 'linear', phi(q_t) . phi(k_s)
-        (rotated by RoPE) over the normalizer; for 'gla', q_t . (decay * k_s), before head norm and output gate."""
-        q, k, _ = self.qkv(x)
-        rq, rk = (q, k) if rope is None else (apply_rope(q, *rope), apply_rope(k, *rope))
-        if self.gated:
-            return gated_scores(rq, rk, self.log_decay(x).cumsum(dim=2))
-        numerator = (rq @ rk.transpose(-1, -2)).tril()
-        return numerator / (q @ k.transpose(-1, -2)).tril().sum(dim=-1, keepdim=True)
-
 
 def make_attention(config):
     return CausalSelfAttention(config) if config.attention == 'softmax' else LinearAttention(config)
@@ -356,9 +344,8 @@ class Block(nn.Module):
 
 def logits_and_loss(logits, targets):
     """(logits, mean cross-entropy of the next tokens, or None without targets); targets of -1 are ignored."""
-    if targets is None:
-        return logits, None
-    return logits, F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+    return logits, None if targets is None else F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(),
+                                                                targets.reshape(-1), ignore_index=-1)
 
 
 class GPT(nn.Module):
@@ -396,11 +383,6 @@ class GPT(nn.Module):
         for pn, p in self.named_parameters():  # and the projections into the residual stream / sqrt(2 * n_layer)
             if pn.endswith('c_proj.weight'):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-
-    def get_num_params(self, non_embedding=True):
-        """Parameter count, without the position embeddings by default (wte counts: it is the output layer)."""
-        wpe = self.transformer.wpe.weight.numel() if non_embedding and 'wpe' in self.transformer else 0
-        return sum(p.numel() for p in self.parameters()) - wpe
 
     def embed(self, idx, start_pos=None):
         """Token embeddings of idx (B, T) at positions start_pos, start_pos + 1, ..., plus learned position
@@ -465,11 +447,10 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None):
-        """Like generate, but yields each new (B, 1) column of tokens as soon as it is sampled. The one
-        generation loop of every model here (each provides setup_cache, forward(x, start_pos=...) and
-        block_size): one prefill of the prompt, then one token per step. Like nanoGPT it conditions on at most
-        the last block_size tokens: once the cache is full, every position would shift by one (GPT-2's
-        positions are absolute), so it is refilled from the last block_size tokens, as a no-cache loop does."""
+        """Like generate, but yields each new (B, 1) column of tokens when sampled. The one generation loop of every
+        model here (each provides setup_cache, forward(x, start_pos=...), block_size): a prefill of the prompt, then
+        a token per step. Like nanoGPT it conditions on the last block_size tokens: once the cache is full, every
+        position would shift by one (GPT-2's are absolute), so it is refilled from them, as a no-cache loop does."""
         check_sampling_args(temperature, top_k, top_p, max_new_tokens)
         B, T = idx.size()
         block_size = self.block_size or T + max_new_tokens  # None: no limit (the recurrent Pico models)
@@ -493,10 +474,9 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name, active_layers=None):
-        """GPT-2 weights from a local folder (config.json and model.safetensors, or pytorch_model.bin) or the
-        Hub: 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' (openai-community/...) or any 'org/name' repo of
-        GPT-2 architecture. The architecture comes from config.json; active_layers keeps only the blocks it
-        selects (prune_layers)."""
+        """GPT-2 from a local folder (config.json and model.safetensors, or pytorch_model.bin) or the Hub ('gpt2',
+        'gpt2-medium', 'gpt2-large', 'gpt2-xl', or an 'org/name' repo of GPT-2 architecture): the architecture from
+        config.json, and only the blocks that active_layers selects (prune_layers)."""
         folder = name
         if not os.path.isdir(name):
             from load import hub_snapshot  # only a download needs load.py (and requests)
@@ -509,16 +489,36 @@ class GPT(nn.Module):
         else:
             raise FileNotFoundError(f"{folder} has config.json but no model.safetensors or pytorch_model.bin")
         sd = gpt2_from_hf_names(sd)
-        with torch.device('meta'):  # skip the random init: every weight is overwritten below
-            model = cls(config)
+        with torch.device('meta'):  # shapes without memory (and no random init: every weight is loaded below)
+            model = cls(check_shapes(config, sd, folder))
+        check_shapes(model, sd, folder)
+        if active_layers is not None:
+            model.prune_layers(active_layers)  # before any memory is taken: the blocks left out never take any
         model.to_empty(device='cpu')
         model.transformer.wte.weight = model.lm_head.weight  # to_empty unties shared parameters
-        try:
-            model.load_state_dict(sd)
-        except RuntimeError as e:
-            raise ValueError(f"{folder}: the weights do not match config.json (is it GPT-2?): "
-                             f"{str(e).splitlines()[1].strip()[:200]}") from None
-        return model.prune_layers(active_layers) if active_layers is not None else model
+        model.load_state_dict({k: v for k, v in sd.items() if not k.startswith('transformer.h.')}, strict=False)
+        for block, i in zip(model.transformer.h, model.layer_ids):  # each kept block: the file's block it was
+            block.load_state_dict({k.removeprefix(f'transformer.h.{i}.'): v for k, v in sd.items()
+                                   if k.startswith(f'transformer.h.{i}.')})
+        return model
+
+
+def check_shapes(model_or_config, weights, where):
+    """Refuse (one line) a config whose sizes its weights ({name: tensor}) lack, before anything is allocated: a
+    GPTConfig's n_layer against the file's blocks (building 10**5 blocks takes minutes even without memory), then
+    a model built on the meta device (shapes, no memory) tensor by tensor. Returns model_or_config."""
+    m = model_or_config
+    if isinstance(m, GPTConfig):
+        n = len({k.split('.')[2] for k in weights if k.startswith('transformer.h.')})
+        if n != m.n_layer:
+            raise ValueError(f"{where}: the config says n_layer={m.n_layer} but the weights hold {n} blocks")
+        return m
+    for name, t in m.state_dict().items():
+        if name not in weights or tuple(weights[name].shape) != tuple(t.shape):
+            got = 'missing' if name not in weights else f"of shape {tuple(weights[name].shape)}"
+            raise ValueError(f"{where}: the weights do not fit the config: {name} is {got}, the config makes it "
+                             f"{tuple(t.shape)}")
+    return m
 
 
 def parse_active_layers(active_layers, n_layer):
@@ -542,7 +542,7 @@ def parse_active_layers(active_layers, n_layer):
             lo, hi = int(m[1]), int(m[2] if m[2] is not None else m[1])
             if hi < lo:
                 raise ValueError(f"active_layers={active_layers!r}: range {piece!r} runs backwards; {allowed}")
-            keep += list(range(lo, hi + 1))
+            keep += list(range(lo, min(hi, max(lo, n_layer)) + 1))  # (past the end: refused below, not listed)
     elif isinstance(active_layers, int) and not isinstance(active_layers, bool):
         keep = [active_layers]
     elif isinstance(active_layers, (list, tuple)) and all(
@@ -574,8 +574,8 @@ def check_sampling_args(temperature=1.0, top_k=None, top_p=None, max_new_tokens=
         raise ValueError(f"top_k={top_k} must be >= 1 (or None for no top-k)")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p={top_p} must be in (0, 1] (or None for no nucleus sampling)")
-    if not max_new_tokens >= 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+    if not 0 <= max_new_tokens <= 10**6:  # (a million tokens take hours already; more would not fit in memory)
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be in [0, 1,000,000]")
 
 
 def top_p_filter(probs, p):
@@ -751,10 +751,9 @@ SAFETENSORS_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.f
 
 
 def load_safetensors(path):
-    """Read a .safetensors file without the safetensors package. The format: an 8-byte little-endian
-    header length N, N bytes of JSON {name: {dtype, shape, data_offsets: [begin, end]}}, then the raw
-    tensor bytes. The file is memory-mapped (copy-on-write) and every tensor is a view into it: nothing
-    is copied until the model takes its weights. Every header entry is checked against the file first."""
+    """Read a .safetensors file without the safetensors package: an 8-byte little-endian header length N, N bytes
+    of JSON {name: {dtype, shape, data_offsets: [begin, end]}}, then the tensors' bytes. Each entry is checked
+    against the file, which is memory-mapped (copy-on-write): nothing is copied until the model takes it."""
     corrupt = f"{path} is truncated or corrupt"
     with open(path, 'rb') as f:
         size = os.fstat(f.fileno()).st_size
@@ -791,10 +790,11 @@ def safe_torch_load(path):
         with warnings.catch_warnings():  # old pickle protocols make torch warn; the load is safe all the same
             warnings.simplefilter('ignore')
             return torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:
-        culprit = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))
-        what = f"it would call {culprit[1]}" if culprit else "it holds Python objects"
-        raise ValueError(f"{path}: refused to load, {what} when unpickled (would run code); only tensors and "
-                         f"plain data load") from None
+    except pickle.UnpicklingError as e:  # (a pickle that would run code, or bytes that are no pickle at all)
+        culprit = re.search(r'(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)', str(e))
+        what = f"it would call {culprit[1]} when unpickled (would run code)" if culprit else \
+            "it is not tensors and plain data (corrupt, or a pickle of Python objects, which could run code)"
+        raise ValueError(f"{path}: refused to load, {what}; only tensors and plain data load") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:  # (its existence is checked first)
-        raise ValueError(f"{path} is truncated or corrupt ({str(e).splitlines()[0][:120]})") from None
+        what = 'a directory' if os.path.isdir(path) else 'truncated or corrupt'
+        raise ValueError(f"{path} is {what} ({(str(e).splitlines() or [type(e).__name__])[0][:120]})") from None

@@ -67,6 +67,8 @@ if __name__ == '__main__':
         die("runs is empty; give run folders, e.g. --runs=out-pico-tiny,out-pico-lstm")
     if len(labels) != len(runs):
         die(f"{len(labels)} labels for {len(runs)} runs")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(out))) or os.path.isdir(out):
+        die(f"out={out!r} cannot be written: {'it is a folder' if os.path.isdir(out) else 'its folder does not exist'}")
     logs = []
     for run, label in zip(runs, labels):
         path = os.path.join(run, 'log.csv')

@@ -13,7 +13,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from load import load_model
+from load import check_output, load_model
 from model import GPT
 
 # -----------------------------------------------------------------------------
@@ -49,6 +49,12 @@ if form not in ('space', 'start'):
     die(f"form={form!r} must be 'space' or 'start'")
 if neighbours < 0:
     die(f"neighbours={neighbours} must be >= 0")
+try:
+    for name, path in (('out_json', out_json), ('plot', plot)):
+        if path:
+            check_output(path, name)
+except ValueError as e:
+    die(e)
 if plot:
     try:
         import matplotlib

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import fast_cpu
-from load import load_model
+from load import check_output, load_model, pick_device, read_prompt
 from model import GPT, check_sampling_args, parse_active_layers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -103,18 +103,25 @@ def evaluate(model, tokens, stride, lens=False, name=''):
     return losses if lens else losses[0]
 
 
-# check every setting before loading anything
+# check every setting (and that the outputs can be written) before loading anything
 try:
     check_sampling_args(temperature, top_k, top_p, max_new_tokens)
+    device = pick_device(device)
+    start = read_prompt(start)
+    for name, path in (('out_json', out_json), ('plot', plot)):
+        if path:
+            check_output(path, name)
 except ValueError as e:
     die(e)
 if num_samples < 1:
     die(f"num_samples={num_samples} must be >= 1")
+if eval_tokens is not None and eval_tokens < 2:
+    die(f"eval_tokens={eval_tokens} must be >= 2 (or None for the whole text)")
 specs = [s.strip() for s in configs.split(';') if s.strip()]
 if not specs:
     die("configs is empty; give active_layers selections separated by ';', e.g. --configs='all;even;first_half'")
 if not os.path.isfile(eval_text):
-    die(f"eval_text {eval_text!r} not found")
+    die(f"eval_text {eval_text!r} {'is a folder' if os.path.isdir(eval_text) else 'not found'}")
 if plot:
     try:
         import matplotlib
@@ -122,19 +129,14 @@ if plot:
         import matplotlib.pyplot as plt
     except ImportError:
         die("plot needs matplotlib, which is not installed: pip install matplotlib")
-if start.startswith('FILE:'):
-    if not os.path.isfile(start[5:]):
-        die(f"prompt file {start[5:]!r} not found")
-    with open(start[5:], encoding='utf-8') as f:
-        start = f.read()
-if device == 'auto':
-    device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
 
 try:
     model, tokenizer, _ = load_model(init_from, out_dir)
     with open(eval_text, encoding='utf-8') as f:
-        tokens = torch.tensor(tokenizer.encode(f.read()), device=device)
-    prompt = torch.tensor(tokenizer.encode(start), device=device)[None].repeat(num_samples, 1)
+        tokens = torch.tensor(tokenizer.encode(f.read()), dtype=torch.long, device=device)
+    prompt = torch.tensor(tokenizer.encode(start), dtype=torch.long, device=device)[None].repeat(num_samples, 1)
+except UnicodeDecodeError:
+    die(f"eval_text {eval_text!r} is not UTF-8 text")
 except (OSError, ValueError) as e:
     die(e)
 if not isinstance(model, GPT):

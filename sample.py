@@ -11,8 +11,8 @@ import time
 import torch
 
 import fast_cpu
-from load import load_model
-from model import check_sampling_args
+from load import load_model, memory_bytes, pick_device, read_prompt
+from model import GPT, check_sampling_args
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # 'resume' (out_dir/ckpt.pt), a .pt file, gpt2 / gpt2-medium / gpt2-large / gpt2-xl, a Hub repo id, or a local folder
@@ -31,43 +31,52 @@ compile = False  # torch.compile the decoding step (on CPU: fast_cpu.compile_dec
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())  # command line or config file
 # -----------------------------------------------------------------------------
 
+
+def die(msg):
+    sys.exit(f"sample.py: error: {msg}")
+
+
 # check every setting before loading anything, so a typo costs no download
 try:
     check_sampling_args(temperature, top_k, top_p, max_new_tokens)
+    device = pick_device(device)
+    start = read_prompt(start)
 except ValueError as e:
-    sys.exit(f"sample.py: error: {e}")
+    die(e)
 if num_samples < 1:
-    sys.exit(f"sample.py: error: num_samples={num_samples} must be >= 1")
-if device == 'auto':
-    device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
-if device.startswith('cuda') and not torch.cuda.is_available():
-    sys.exit(f"sample.py: error: device={device!r} but this PyTorch sees no CUDA GPU; use --device=cpu")
+    die(f"num_samples={num_samples} must be >= 1")
+if not 0 <= seed < 2**63:
+    die(f"seed={seed} must be in [0, 2**63)")
 if dtype == 'auto':
     dtype = 'bfloat16' if device.startswith('cuda') and torch.cuda.is_bf16_supported() else 'float32'
 dtypes = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 if dtype not in dtypes:
-    sys.exit(f"sample.py: error: dtype={dtype!r} is not one of {', '.join(dtypes)}, auto")
-if start.startswith('FILE:'):
-    if not os.path.isfile(start[5:]):
-        sys.exit(f"sample.py: error: prompt file {start[5:]!r} not found")
-    with open(start[5:], encoding='utf-8') as f:
-        start = f.read()
+    die(f"dtype={dtype!r} is not one of {', '.join(dtypes)}, auto")
 
 torch.manual_seed(seed)
 try:
     model, tokenizer, checkpoint = load_model(init_from, out_dir, active_layers)
     start_ids = tokenizer.encode(start)
 except (OSError, ValueError) as e:
-    sys.exit(f"sample.py: error: {e}")
+    die(e)
 model.eval()
 model.to(device=device, dtype=dtypes[dtype])
 if device == 'cpu':
-    fast_cpu.optimize(model, compile=compile)  # with compile, only the one-row matmuls of decoding are compiled
-elif compile:
+    # compile=True on a CPU compiles GPT's one-row matmuls of decoding only (prefill keeps the library kernels)
+    fast_cpu.optimize(model, compile=compile and isinstance(model, GPT))
+if compile and not (device == 'cpu' and isinstance(model, GPT)):
     model.compile()
 
 if not start_ids:
-    sys.exit("sample.py: error: the prompt is empty; give --start=... (or --start='<|endoftext|>' for no prompt)")
+    die("the prompt is empty; give --start=..." + ("" if tokenizer.chars else
+                                                  " (or --start='<|endoftext|>' for no prompt)"))
+# the key/value cache and activations of num_samples rows (float32 on CPU): refuse what cannot fit in memory
+# rather than be killed by the kernel halfway
+width = 2 * model.config.n_layer * model.config.n_embd + 16 * model.config.n_embd if isinstance(model, GPT) else 4096
+need = num_samples * ((len(start_ids) + max_new_tokens) * width + 4 * tokenizer.n_vocab) * 4
+if memory_bytes() and need > 0.8 * memory_bytes():
+    die(f"{num_samples} samples of {len(start_ids) + max_new_tokens} tokens need about {need / 1e9:.0f} GB, and this "
+        f"machine has {memory_bytes() / 1e9:.0f} GB; ask for fewer samples or tokens")
 x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, :].repeat(num_samples, 1)
 if active_layers is not None:
     print(f"running blocks {model.layer_ids}", file=sys.stderr)
@@ -82,8 +91,7 @@ if num_samples == 1:
     print(utf8.decode(b'', final=True))
     print('---------------')
 else:
-    y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
-    for row in y.tolist():
+    for row in model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p).tolist():
         print(tokenizer.decode(row))
         print('---------------')
 dt = time.time() - t0

@@ -22,8 +22,8 @@ from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fast_cpu
-from load import (Tokenizer, build_model, find_data_folder, load_checkpoint, merged_vocab, pick_device, read_data_folder,
-                  save_checkpoint)
+from load import (Tokenizer, build_model, find_data_folder, load_checkpoint, memory_bytes, merged_vocab, pick_device,
+                  read_data_folder, save_checkpoint)
 from model import GPT, GPTConfig, check_config
 from plot import plot_runs, read_log
 
@@ -170,7 +170,7 @@ if not sources:
     die("no data: set dataset or input_files")
 try:
     sources = [find_data_folder(src) for src in sources]  # NAME finds data/NAME; the bundled ones prepare themselves
-    vocabs, splits = zip(*[read_data_folder(src) for src in sources])
+    vocabs, splits = zip(*[read_data_folder(src, check=master) for src in sources])  # (one reading suffices)
     # the model's vocabulary: GPT-2's, the union of the sources' compacted ones (model id i is GPT-2 id id_map[i]),
     # or their characters; tables[s] maps source s's ids to the model's
     tokenizer = merged_vocab(vocabs, full_gpt2=model_type == 'gpt2')
@@ -228,6 +228,16 @@ elif model_type == 'lstm':
     model_args = dict(vocab_size=vocab_size, embed_size=embed_size, hidden_size=hidden_size)
 elif model_type == 'kgram_mlp':
     model_args = dict(vocab_size=vocab_size, k=kgram_k, embed_size=embed_size, num_inner_layers=num_inner_mlp_layers)
+# parameters with their gradients and AdamW's two moments (16 bytes each), and a batch's logits: refuse a model
+# that cannot fit in memory before building it (Linux would let it start, then kill it)
+size = {'transformer': 12 * n_layer * n_embd ** 2 + (vocab_size + block_size) * n_embd,
+        'lstm': 4 * (embed_size + hidden_size + 2) * hidden_size + vocab_size * (embed_size + hidden_size + 1),
+        'kgram_mlp': (kgram_k + num_inner_mlp_layers) * embed_size ** 2 + 2 * vocab_size * embed_size,
+        'gpt2': 0}[model_type]
+need = 16 * size + 12 * batch_size * block_size * vocab_size
+if memory_bytes() and need > 0.8 * memory_bytes() and init_from == 'scratch':
+    die(f"this model ({size / 1e6:,.0f}M parameters) and batch need about {need / 1e9:,.0f} GB to train, and this "
+        f"machine has {memory_bytes() / 1e9:.0f} GB; make it smaller")
 checkpoint = None
 torch.manual_seed(seed)  # the initial weights (the same on every process)
 if init_from == 'resume':

@@ -1,5 +1,5 @@
 # nanoGPT's character-level Shakespeare at its CPU size (its README's laptop command: 4 layers x 128, block 64,
-# batch 12): about 5 minutes on 2 CPU cores. The first run prepares data/shakespeare_char (nanoGPT's layout, with
+# batch 12): about 2 minutes on 2 CPU cores. The first run prepares data/shakespeare_char (nanoGPT's layout, with
 # meta.pkl) from the bundled data/tinyshakespeare.txt.
 #   python train.py config/shakespeare_char.py
 #   python sample.py --init_from=resume --out_dir=out-shakespeare-char --start="ROMEO:" --max_new_tokens=200

@@ -54,7 +54,7 @@ if not files:
     die("source is empty; give 'tinystories', 'tinystories_hub', or text files")
 for f in files:
     if not os.path.isfile(f):
-        die(f"source file {f!r} not found")
+        die(f"source file {f!r} {'is a folder' if os.path.isdir(f) else 'not found'}")
     if os.path.getsize(f) == 0:
         die(f"source file {f!r} is empty")
 if format not in ('auto', 'documents', 'lines'):

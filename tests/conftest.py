@@ -26,8 +26,9 @@ def tiktoken_cache(tmp_path_factory):
     """A tiktoken cache folder holding GPT-2's BPE files, copied from data/ (tiktoken checks their sha256).
     The file names are tiktoken's cache keys: the sha1 of the download URL."""
     cache = tmp_path_factory.mktemp('tiktoken')
-    for name, ours in (('vocab.bpe', 'gpt2-vocab.bpe'), ('encoder.json', 'gpt2-encoder.json')):
-        shutil.copy(os.path.join(ROOT, 'data', ours), cache / hashlib.sha1((TIKTOKEN_URL + name).encode()).hexdigest())
+    from load import DATA, GPT2_BPE_FILES
+    for ours, name, _ in GPT2_BPE_FILES:
+        shutil.copy(os.path.join(DATA, ours), cache / hashlib.sha1((TIKTOKEN_URL + name).encode()).hexdigest())
     return str(cache)
 
 

@@ -146,6 +146,11 @@ def test_a_complete_snapshot_in_the_hf_cache_is_used_without_a_download(hf_tiny,
     with torch.no_grad():
         assert rel_err(model.eval()(idx)[0], hf(idx).logits) < 1e-5
     assert hub.log == [] and not os.path.exists(tmp_path / 'cache' / 'gpt-lab')  # no request, nothing copied
+    # transformers' own from_pretrained('gpt2') caches under the old id: models--gpt2
+    shutil.rmtree(tmp_path / 'hf-home')
+    hf_cache_layout(tmp_path / 'hf-home' / 'hub', 'gpt2', folder)
+    load_model('gpt2')
+    assert hub.log == []
     # $HF_HUB_CACHE comes first
     hf_cache_layout(tmp_path / 'elsewhere', 'org/tiny', folder)
     monkeypatch.setenv('HF_HUB_CACHE', str(tmp_path / 'elsewhere'))
@@ -160,3 +165,31 @@ def test_an_incomplete_snapshot_in_the_hf_cache_is_downloaded_afresh(hf_tiny, tm
     load_model('org/tiny')
     assert [p for p, _ in hub.log if 'resolve' in p] == ['/org/tiny/resolve/main/config.json',
                                                          '/org/tiny/resolve/main/model.safetensors']
+
+
+def test_export_into_a_used_folder_and_back(tmp_path):
+    """Exporting a character model where a GPT-2-vocabulary one was exported leaves no GPT-2 tokenizer files
+    behind; and a folder of a character model is refused by the scripts (its ids are not GPT-2's), in one line."""
+    torch.manual_seed(0)
+    args = dict(block_size=16, vocab_size=50257, n_layer=1, n_head=2, n_embd=16, norm='layernorm')
+    first = checkpoint(tmp_path, GPT(GPTConfig(**args)), 'transformer', args)
+    assert run_script('export.py', f'--init_from={first}', f'--folder={tmp_path}/hf').returncode == 0
+    assert 'vocab.json' in os.listdir(tmp_path / 'hf')
+    chars = list('abcde')
+    (tmp_path / 'c').mkdir()
+    second = checkpoint(tmp_path / 'c', GPT(GPTConfig(**{**args, 'vocab_size': 5})), 'transformer',
+                        {**args, 'vocab_size': 5}, dict(name='char', chars=chars))
+    proc = run_script('export.py', f'--init_from={second}', f'--folder={tmp_path}/hf')
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(os.listdir(tmp_path / 'hf')) == ['config.json', 'model.safetensors']
+    assert_one_line_error(run_script('sample.py', f'--init_from={tmp_path}/hf'), "vocabulary has 5 tokens",
+                          "fewer than GPT-2's 50257", 'use the checkpoint it came from')
+    assert_one_line_error(run_script('export.py', f'--init_from={tmp_path}/hf', f'--folder={tmp_path}/hf2'),
+                          'vocabulary has 5 tokens')
+
+
+def test_a_checkpoint_naming_an_impossible_tokenizer(tmp_path):
+    torch.manual_seed(0)
+    args = dict(block_size=16, vocab_size=50257, n_layer=1, n_head=2, n_embd=16)
+    ckpt = checkpoint(tmp_path, GPT(GPTConfig(**args)), 'transformer', args, dict(name='gpt2', id_map=[60000]))
+    assert_one_line_error(run_script('sample.py', f'--init_from={ckpt}'), 'is not one this repo knows')

@@ -5,6 +5,8 @@ their vocabulary are refused; the bundled folders prepare themselves."""
 import json
 import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -125,12 +127,28 @@ def test_train_on_a_nanogpt_char_folder(nanogpt_run, tmp_path):
 
 
 def test_nanogpt_char_checkpoint_without_its_meta_pkl(nanogpt_run, tmp_path):
-    root, _, _ = nanogpt_run
-    line = assert_one_line_error(run_script('sample.py', '--init_from=resume',
-                                            f'--out_dir={root}/out-shakespeare-char', cwd=tmp_path),
-                                 'the model\'s vocabulary has', "nanoGPT's sample.py reads",
-                                 'data/shakespeare_char/meta.pkl', 'copy that data folder here')
-    assert 'Traceback' not in line
+    root, model, _ = nanogpt_run
+    torch.save(nanogpt_checkpoint(model, 'my_chars'), tmp_path / 'ckpt.pt')
+    assert_one_line_error(run_script('sample.py', f'--init_from={tmp_path}/ckpt.pt', cwd=tmp_path),
+                          "the model's vocabulary has", "nanoGPT's sample.py reads", 'data/my_chars/meta.pkl',
+                          'copy that data folder here')
+
+
+def test_nanogpt_shakespeare_char_checkpoint_in_a_fresh_clone(tmp_path, monkeypatch):
+    """A checkpoint of nanoGPT's shakespeare_char quickstart, and no data folder: the bundled tiny Shakespeare is
+    prepared as nanoGPT's prepare.py would (the same 65 characters), and the model decodes through it."""
+    monkeypatch.setattr(load, 'ROOT', str(tmp_path))  # prepare into tmp_path/data, not into this checkout
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=65, n_layer=1, n_head=2, n_embd=16, bias=False, activation='gelu'))
+    torch.save(nanogpt_checkpoint(model, 'shakespeare_char'), tmp_path / 'ckpt.pt')
+    _, tokenizer, _ = load.load_model(str(tmp_path / 'ckpt.pt'))
+    chars = sorted(set(open(os.path.join(ROOT, 'data', 'tinyshakespeare.txt'), encoding='utf-8').read()))
+    assert tokenizer.chars == chars and (tmp_path / 'data' / 'shakespeare_char' / 'meta.pkl').exists()
+    torch.save(nanogpt_checkpoint(GPT(GPTConfig(block_size=16, vocab_size=60, n_layer=1, n_head=2, n_embd=16)),
+                                  'shakespeare_char'), tmp_path / 'other.pt')
+    with pytest.raises(ValueError, match="vocabulary has 60 tokens but its tokenizer has 65 characters"):
+        load.load_model(str(tmp_path / 'other.pt'))
 
 
 class RunsCode:
@@ -147,6 +165,9 @@ class RunsCode:
     ({'vocab_size': 2, 'itos': {0: 'a', 1: 'b'}, 'stoi': {'a': 0, 'b': 1.0}}, 'more than dicts'),
     ({'vocab_size': 2, 'itos': {0: 'a', 1: 'b'}, 'stoi': {'a': 1, 'b': 0}}, 'invert each other'),
     ({'vocab_size': 3, 'itos': {0: 'a', 1: 'b'}, 'stoi': {'a': 0, 'b': 1}}, 'invert each other'),
+    ({'vocab_size': 1, 'itos': {0: 'a', 'x': 'b'}, 'stoi': {'a': 0}}, 'invert each other'),
+    ({'vocab_size': 10 ** 12, 'itos': {}, 'stoi': {}}, 'invert each other'),
+    ('nested', 'invert each other'),  # (10**5 dicts deep: checked without recursion)
     (b'not a pickle', 'refused'),
 ])
 def test_meta_pkl_is_read_without_running_code(tmp_path, meta, phrase):
@@ -156,6 +177,8 @@ def test_meta_pkl_is_read_without_running_code(tmp_path, meta, phrase):
     with open(folder / 'meta.pkl', 'wb') as f:
         if meta == 'code':
             pickle.dump({'vocab_size': 2, 'itos': {0: 'a', 1: 'b'}, 'stoi': RunsCode(str(marker))}, f)
+        elif meta == 'nested':  # 100,000 dicts inside each other, as raw opcodes: EMPTY_DICT, then SETITEM pairs
+            f.write(b'\x80\x02' + b'}K\x00' * 100000 + b'}' + b's' * 100000 + b'.')
         elif isinstance(meta, bytes):
             f.write(meta)
         else:
@@ -181,7 +204,7 @@ def test_data_folders_whose_ids_do_not_fit_their_vocabulary_are_refused(tmp_path
     for split in ('train', 'val'):
         np.array([10, 11, 12] * 100, dtype=np.uint16).tofile(compact / f'{split}.bin')
     (compact / 'meta.json').write_text(json.dumps({'tokenizer': 'gpt2', 'id_map': [10, 11]}))
-    for folder, phrases in ((chars_dir, ['holds token id 10', 'outside its vocabulary of 10 characters (meta.pkl)']),
+    for folder, phrases in ((chars_dir, ['holds token id 39', 'outside its vocabulary of 10 characters (meta.pkl)']),
                             (gpt2_dir, ['holds token id 60000', "GPT-2's 50,257 BPE tokens"]),
                             (odd, ['an odd number']),
                             (compact, ['holds token id 12', 'the 2 ids of its meta.json id_map'])):
@@ -199,6 +222,29 @@ def test_data_folders_whose_ids_do_not_fit_their_vocabulary_are_refused(tmp_path
     assert_one_line_error(run_script('train.py', '--dataset=nosuch', f'--out_dir={tmp_path}/out', cwd=tmp_path),
                           "data folder 'nosuch' not found", 'data/nosuch', 'shakespeare_char')
     assert not (tmp_path / 'out' / 'ckpt.pt').exists()
+
+
+def test_an_interrupted_first_preparation_leaves_nothing_behind(tmp_path, monkeypatch):
+    """Ctrl-C during a bundled folder's first preparation: no half-made folder stays to be taken for a data
+    folder; the next run prepares it. And two processes naming it at once: one prepares, the other waits."""
+    monkeypatch.setattr(load, 'ROOT', str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+
+    def interrupted(path, layout):
+        yield '1 2 3'
+        raise KeyboardInterrupt
+    monkeypatch.setattr(load, 'documents', interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        load.find_data_folder('3seqs')
+    assert os.listdir(tmp_path / 'data') == ['.3seqs.lock']
+    monkeypatch.undo()
+    code = (f"import sys; sys.path.insert(0, {ROOT!r}); import load; load.ROOT = {str(tmp_path)!r}; "
+            f"load.read_data_folder(load.find_data_folder('3seqs'))")
+    procs = [subprocess.Popen([sys.executable, '-c', code], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    assert sum('not prepared yet' in e for e in errs) == 1  # one prepared it, the other found it done
 
 
 def test_bundled_folders_prepare_themselves(tmp_path, monkeypatch, capsys):

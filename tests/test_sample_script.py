@@ -109,7 +109,7 @@ def test_config_file_with_unknown_setting(tmp_path):
     (['--top_k=0'], ['top_k=0 must be >= 1']),
     (['--top_p=0'], ['top_p=0.0 must be in (0, 1]']),
     (['--top_p=1.01'], ['top_p=1.01 must be in (0, 1]']),
-    (['--max_new_tokens=-5'], ['max_new_tokens=-5 must be >= 0']),
+    (['--max_new_tokens=-5'], ['max_new_tokens=-5 must be in [0, 1,000,000]']),
     (['--num_samples=0'], ['num_samples=0 must be >= 1']),
     (['--dtype=float8'], ["dtype='float8' is not one of float32, bfloat16, float16"]),
     (['--start=FILE:/no/such/prompt.txt'], ["prompt file '/no/such/prompt.txt' not found"]),
@@ -211,7 +211,8 @@ def test_tokenizer_offline_fallback_and_error(tmp_path, monkeypatch):
     # without those files and without network: one line that says how to fix it
     monkeypatch.setenv('TIKTOKEN_CACHE_DIR', str(tmp_path / 'empty2'))
     monkeypatch.setattr(tiktoken.registry, 'ENCODINGS', {})
-    monkeypatch.setattr(load, 'GPT2_BPE_FILES', {'vocab.bpe': 'missing.bpe', 'encoder.json': 'missing.json'})
+    monkeypatch.setattr(load, 'GPT2_BPE_FILES', [('missing.bpe', 'vocab.bpe', 'merges.txt'),
+                                                 ('missing.json', 'encoder.json', 'vocab.json')])
 
     def offline(*a, **k):
         raise __import__('requests').ConnectionError('no network')

@@ -76,7 +76,7 @@ def test_sampling_follows_the_distribution():
 @pytest.mark.parametrize('kwargs,phrase', [
     (dict(temperature=-0.1), 'temperature=-0.1 must be >= 0'), (dict(top_k=0), 'top_k=0 must be >= 1'),
     (dict(top_p=0.0), 'top_p=0.0 must be in (0, 1]'), (dict(top_p=1.5), 'top_p=1.5 must be in (0, 1]'),
-    (dict(max_new_tokens=-1), 'max_new_tokens=-1 must be >= 0'),
+    (dict(max_new_tokens=-1), 'max_new_tokens=-1 must be in [0, 1,000,000]'),
 ])
 def test_sampling_argument_errors(kwargs, phrase):
     with pytest.raises(ValueError) as e:

@@ -4,7 +4,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_one_line_error, greedy_reference, run_script
+from conftest import assert_one_line_error, greedy_reference, run_script, script_functions
 
 from model import (GPT, GPTConfig, apply_rope, linear_attention_chunked, linear_attention_recurrent,
                    rope_tables)
@@ -111,15 +111,16 @@ def test_every_kind_trains_in_float32(attention, pos_emb):
 
 @pytest.mark.parametrize('attention', ['softmax', 'linear', 'gla'])
 def test_attention_weights_reproduce_the_attention(attention):
-    """weights() is the causal matrix that mixes the values: rows of softmax and linear attention sum to 1,
-    and weights @ v gives the attention's output (before the head norm and output gate of GLA)."""
+    """interpret.py's attention_weights is the causal matrix that mixes the values: rows of softmax and linear
+    attention sum to 1, and weights @ v gives the attention's output (before the head norm and output gate of GLA)."""
+    (attention_weights,) = script_functions('interpret.py', 'attention_weights')
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, vocab_size=32, n_layer=1, n_head=2, n_embd=16, attention=attention,
                           pos_emb='rope', chunk_size=4)).double().eval()
     attn = model.transformer.h[0].attn
     x = torch.randn(2, 11, 16, dtype=torch.float64)
     rope = (model.rope_cos[:11], model.rope_sin[:11])
-    w = attn.weights(x, rope)
+    w = attention_weights(attn, x, rope)
     assert w.shape == (2, 2, 11, 11) and torch.all(w.triu(1) == 0)
     if attention == 'softmax':
         q, k, v = attn.qkv(x, rope)
@@ -132,7 +133,7 @@ def test_attention_weights_reproduce_the_attention(attention):
         numerator = linear_attention_chunked(rq, rk, v, None, 4)[0]
         normalizer = linear_attention_chunked(q, k, torch.ones_like(v[..., :1]), None, 4)[0]
         assert torch.allclose(w @ v, numerator / normalizer)
-        plain = attn.weights(x)  # without RoPE, rows are convex weights
+        plain = attention_weights(attn, x)  # without RoPE, rows are convex weights
         assert torch.allclose(plain.sum(-1), torch.ones(2, 2, 11, dtype=torch.float64)) and plain.min() >= 0
     else:
         log_decay = (F.logsigmoid(attn.gate_proj(x)) / 16).view(2, 11, 2, -1).transpose(1, 2)
@@ -140,8 +141,8 @@ def test_attention_weights_reproduce_the_attention(attention):
 
 
 def test_parameter_counts_match_across_attention_kinds():
-    counts = {a: GPT(GPTConfig(block_size=64, vocab_size=100, n_layer=2, n_head=4, n_embd=128, attention=a)).get_num_params()
-              for a in ('softmax', 'linear', 'gla')}
+    counts = {a: sum(p.numel() for p in GPT(GPTConfig(block_size=64, vocab_size=100, n_layer=2, n_head=4, n_embd=128,
+                                                      attention=a)).parameters()) for a in ('softmax', 'linear', 'gla')}
     assert counts['linear'] == counts['softmax']
     assert abs(counts['gla'] - counts['softmax']) / counts['softmax'] < 0.02  # the rank-16 gate only
 
