@@ -2,14 +2,27 @@
 #     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # and the command line overrides them:
 #     python sample.py config/my_config.py --temperature=0.5 --start="Hello"
+#     python train.py --block_size 32 --input_files a.txt b.txt --compile      (argparse's spellings work too)
 # A config file is Python that assigns settings (it can read the current ones). --key=value values are
-# parsed with ast.literal_eval, and kept as the raw string when that fails (or when the setting is a string).
+# parsed with ast.literal_eval, and kept as the raw string when that fails (or when the setting is a string);
+# a list setting takes 'a,b' or several values after its --key (joined as 'a,b'); a bool setting alone is True.
+# The course starter's flags (pico-llm.py) are translated where a setting here means the same, with a note,
+# and otherwise refused with a pointer to README's table of them (STARTER_FLAGS below).
 # What nanoGPT lacks: every mistake is one line on stderr and exit status 1 (an unknown key names the closest
 # known one; a value of the wrong type names the key, the type and the value), and --help lists the settings
 # with their defaults and the comments beside them in the script.
 # A setting that may be None declares its types with an annotation, e.g. `top_p: float | None = None`.
 # (This file is exec'd inside the script, so it has no docstring: one would replace the script's own.)
 import sys as _sys
+
+# The course starter's flags that are not settings here: flag -> (setting here, factor, what it becomes)
+STARTER_FLAGS = {
+    'device_id': ('device', 1, ''),
+    'prompt': ('start', 1, ''),  # (train.py's is called prompt, as the starter's)
+    'max_steps_per_epoch': ('max_iters', 3, "steps in all: the starter's 3 epochs of max_steps_per_epoch"),
+    'kgram_chunk_size': (None, 1, "the k-gram MLP computes every position at once, with no chunks to size"),
+    'monosemantic_enabled': (None, 1, "interpret.py --sae=True trains a sparse autoencoder on a trained model"),
+}
 
 
 def _configure(g):
@@ -39,12 +52,12 @@ def _configure(g):
         return {bool: 'bool (True/False)', int: 'int', float: 'float', str: 'str', tuple: 'tuple', list: 'list',
                 type(None): 'None'}.get(t, getattr(t, '__name__', str(t)))
 
+    def allows_list(key):
+        want = expected_type(key)
+        return bool({list, tuple} & set(want.__args__ if isinstance(want, types.UnionType) else (want,)))
+
     def convert(key, value, raw):
         """value as the setting's type, or a one-line error. raw is the command-line text (None from a file)."""
-        if key not in settings:
-            close = difflib.get_close_matches(key, settings, n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]}?" if close else ""
-            die(f"unknown setting {key!r}{hint} (--help lists them)")
         want = expected_type(key)
         if value is None and g[key] is None:
             return None
@@ -64,7 +77,29 @@ def _configure(g):
         shown = raw if raw is not None else repr(value)
         die(f"{key} expects {type_name(want)}, got {shown!r}")
 
+    def known(key, value):
+        """(key, value) of a setting of this script, translating the course starter's flags (or a one-line error)."""
+        if key in settings:
+            return key, value
+        if key in STARTER_FLAGS:
+            ours, scale, why = STARTER_FLAGS[key]
+            if ours not in settings:
+                die(f"--{key} is a flag of the course's starter script; here: {why} (README: 'From the starter's flags')")
+            value = value * scale if scale != 1 and isinstance(value, (int, float)) else value
+            print(f"note: the starter's --{key} is --{ours} here{f' ({why})' if why else ''}", file=_sys.stderr)
+            return ours, value
+        close = difflib.get_close_matches(key, settings, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        die(f"unknown setting {key!r}{hint} (--help lists them)")
+
+    def literal(raw):
+        try:
+            return ast.literal_eval(raw)
+        except (SyntaxError, ValueError):
+            return raw  # not a Python literal: a string
+
     def set_setting(key, value, raw=None):
+        key, value = known(key, value)
         value = convert(key, value, raw)
         print(f"overriding: {key} = {value!r}", file=_sys.stderr)
         g[key] = value
@@ -100,12 +135,33 @@ def _configure(g):
             print(f"  --{k:<{width}} = {default:<20} {comments.get(lines.get(k), '')}")
         _sys.exit(0)
 
-    for arg in _sys.argv[1:]:
+    args, i = _sys.argv[1:], 0
+    while i < len(args):
+        arg, i = args[i], i + 1
         if arg in ('-h', '--help'):
             show_help()
-        if '=' not in arg:
-            if arg.startswith('-'):
-                die(f"expected --key=value or a config file, got {arg!r}")
+        if arg.startswith('--') and '=' in arg:
+            key, raw = arg.split('=', 1)
+            if len(key) < 3:
+                die(f"expected --key=value, got {arg!r}")
+            set_setting(key[2:], literal(raw), raw)
+        elif arg.startswith('--') and len(arg) > 2:  # argparse's spelling: --key value, --key v1 v2, --flag
+            key = arg[2:]
+            name = key if key in settings else STARTER_FLAGS.get(key, (None,))[0]
+            many = name in settings and allows_list(name)
+            values = []
+            while i < len(args) and not args[i].startswith('--') and (many or not values):
+                values.append(args[i])
+                i += 1
+            if not values and name in settings and isinstance(g[name], bool):
+                values = ['True']  # a bare --compile means True
+            if not values:
+                die(f"--{key} needs a value: --{key}=VALUE or --{key} VALUE")
+            raw = ','.join(values)  # several values are a comma-separated list, as --key=a,b
+            set_setting(key, literal(raw), raw)
+        elif '=' in arg or arg.startswith('-'):
+            die(f"expected --key=value, --key value or a config file, got {arg!r}")
+        else:
             if not os.path.isfile(arg):
                 die(f"config file {arg!r} not found")
             if not arg.endswith('.py'):  # a config file is Python and is run: only ever a .py file the user means
@@ -123,16 +179,6 @@ def _configure(g):
                     continue
                 if k not in settings or type(v) is not type(g[k]) or v != g[k]:
                     set_setting(k, v)
-        else:
-            key, raw = arg.split('=', 1)
-            if not key.startswith('--') or len(key) < 3:
-                die(f"expected --key=value, got {arg!r}")
-            try:
-                value = ast.literal_eval(raw)
-            except (SyntaxError, ValueError):
-                value = raw  # not a Python literal: a string
-            set_setting(key[2:], value, raw)
-
 
 _configure(globals())
 del _configure

@@ -506,28 +506,44 @@ BUNDLED = {  # data folders a fresh clone makes itself from the text in data/: n
 
 def find_data_folder(name):
     """The data folder a setting names: a path, or nanoGPT's habit NAME for data/NAME (in the current folder,
-    then in this repo). A bundled one that does not exist yet is prepared here first, with one line saying so.
-    Raises FileNotFoundError, with the places it looked."""
-    tried = [name, os.path.join('data', name), os.path.join(ROOT, name), os.path.join(ROOT, 'data', name)]
-    for path in dict.fromkeys(tried):
+    then in this repo). A bundled one that does not exist yet (into this repo's data/), or a text file (as the
+    course's --input_files are; into our cache, data/<stem>-<tag of its path, size and time>, its vocabulary
+    compacted) is prepared first, once, with one line saying so. Raises FileNotFoundError naming where it looked."""
+    tried = list(dict.fromkeys([name, os.path.join('data', name), os.path.join(ROOT, name), os.path.join(ROOT, 'data', name)]))
+    for path in tried:
         if os.path.isdir(path):
             return path
     bundled = os.path.basename(os.path.normpath(name))
-    if bundled in BUNDLED and os.path.normpath(name) in (bundled, os.path.join('data', bundled)):
+    text = next((path for path in tried if os.path.isfile(path)), None)
+    sources = {os.path.realpath(os.path.join(DATA, source)): folder for folder, (source, settings) in BUNDLED.items()
+               if settings.get('compact_vocab')}
+    if text and os.path.realpath(text) in sources:  # data/3seqs.txt is the source of the bundled 3seqs_compact
+        bundled = sources[os.path.realpath(text)]
+    elif text:
+        st = os.stat(text)
+        tag = hashlib.sha1(f"{os.path.abspath(text)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:8]
+        stem = os.path.splitext(os.path.basename(text))[0]
+        return prepare_once(os.path.join(cache_dir(), 'data', f"{stem}-{tag}"), text, dict(compact_vocab=True), name)
+    if bundled in BUNDLED and (text or os.path.normpath(name) in (bundled, os.path.join('data', bundled))):
         source, settings = BUNDLED[bundled]
-        out_dir = os.path.join(ROOT, 'data', bundled)
-        # under torchrun every process comes here: one prepares while the others wait, then find it done
-        with file_lock(os.path.join(ROOT, 'data', f'.{bundled}.lock')):
-            if not os.path.isdir(out_dir):  # (prepare_data makes the folder only once it is complete)
-                args = ''.join(f" --{k}={v}" for k, v in settings.items())
-                print(f"{name}: not prepared yet; preparing it from the bundled data/{source} (as python "
-                      f"data/prepare.py --source=data/{source}{args} --out_dir=data/{bundled})", file=sys.stderr)
-                prepare_data([os.path.join(DATA, source)], out_dir, source=f"data/{source}", quiet=True, **settings)
-        return out_dir
-    if os.path.isfile(name):
-        raise FileNotFoundError(f"{name} is a text file; prepare it first: python data/prepare.py --source={name}")
-    raise FileNotFoundError(f"data folder {name!r} not found (looked in {', '.join(dict.fromkeys(tried))}); make it "
-                            f"with data/prepare.py, or name one of the bundled: {', '.join(BUNDLED)}")
+        return prepare_once(os.path.join(ROOT, 'data', bundled), os.path.join(DATA, source), settings, name)
+    raise FileNotFoundError(f"data folder {name!r} not found (looked in {', '.join(tried)}); make it with "
+                            f"data/prepare.py, or name a text file or one of the bundled: {', '.join(BUNDLED)}")
+
+
+def prepare_once(out_dir, source, settings, name):
+    """out_dir, prepared from the text file source with data/prepare.py's settings unless it exists. Under
+    torchrun every process comes here: one prepares while the others wait, then find it done."""
+    with file_lock(os.path.join(os.path.dirname(out_dir), f'.{os.path.basename(out_dir)}.lock')):
+        if not os.path.isdir(out_dir):  # (prepare_data makes the folder only once it is complete)
+            # (paths inside this repo as the command to run from its folder would name them)
+            src, out = (os.path.relpath(p, ROOT) if os.path.abspath(p).startswith(ROOT + os.sep) else p
+                        for p in (source, out_dir))
+            args = ''.join(f" --{k}={v}" for k, v in settings.items())
+            print(f"{name}: not prepared yet; preparing it from {src} (as python data/prepare.py --source={src}{args} "
+                  f"--out_dir={out})", file=sys.stderr)
+            prepare_data([source], out_dir, source=src, quiet=True, **settings)
+    return out_dir
 
 
 def read_data_folder(folder, check=True):

@@ -111,7 +111,8 @@ for name, ok, allowed in (('tinystories_weight', 0 <= tinystories_weight <= 1, '
                           ('lr_decay_iters', lr_decay_iters is None or lr_decay_iters >= 1, '>= 1 or None')):
     if not ok:  # (NaN fails every comparison, so it is refused too)
         die(f"{name}={globals()[name]} must be {allowed}")
-input_files = [input_files] if isinstance(input_files, str) else list(input_files)
+input_files = [f.strip() for f in input_files.split(',') if f.strip()] if isinstance(input_files, str) else \
+    [str(f) for f in input_files]  # --input_files=a,b (or --input_files a b) as plot.py and prepare.py read lists
 # the Transformer's architecture (the vocabulary comes from the data); values a model cannot have stop here
 gpt_config = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias, dropout=dropout,
                        activation=activation, norm=norm, norm_position=norm_position, pos_emb=pos_emb,

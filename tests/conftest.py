@@ -97,10 +97,41 @@ def greedy_reference(model, idx, n):
 
 
 def run_script(script, *args, cwd=None, env=None, timeout=300):
-    """Run one of our scripts as a user would; returns the CompletedProcess (text mode)."""
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
-                          cwd=cwd or ROOT, env=full_env, timeout=timeout)
+    """Run one of our scripts as a user would, with these command-line arguments; returns a CompletedProcess
+    (text mode). It runs in this process, as `python script` runs it (a fresh module namespace from runpy,
+    sys.argv, the folder, stdout and stderr, SystemExit's message and status), because starting Python and
+    torch costs ~2 s a run; a test that changes the environment (env) gets a real subprocess."""
+    if env is not None:
+        return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
+                              cwd=cwd or ROOT, env={**os.environ, **env}, timeout=timeout)
+    import contextlib
+    import io
+    import runpy
+    import signal
+    import traceback
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    saved = (sys.argv, os.getcwd(), signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM),
+             torch.random.get_rng_state())
+    sys.argv = [os.path.join(ROOT, script), *args]
+    try:
+        os.chdir(cwd or ROOT)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_path(sys.argv[0], run_name='__main__')
+            except SystemExit as e:  # what the interpreter does with it
+                code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+                if isinstance(e.code, str):
+                    print(e.code, file=sys.stderr)
+            except BaseException:  # a traceback, as Python would print it
+                traceback.print_exc()
+                code = 1
+    finally:
+        sys.argv = saved[0]
+        os.chdir(saved[1])
+        signal.signal(signal.SIGINT, saved[2])
+        signal.signal(signal.SIGTERM, saved[3])
+        torch.random.set_rng_state(saved[4])
+    return subprocess.CompletedProcess(sys.argv, code, out.getvalue(), err.getvalue())
 
 
 def assert_one_line_error(proc, *phrases):

@@ -255,7 +255,7 @@ def test_bundled_folders_prepare_themselves(tmp_path, monkeypatch, capsys):
     folder = load.find_data_folder('3seqs_compact')
     assert folder == str(tmp_path / 'data' / '3seqs_compact')
     line = capsys.readouterr().err.strip()
-    assert line.startswith('3seqs_compact: not prepared yet; preparing it from the bundled data/3seqs.txt')
+    assert line.startswith('3seqs_compact: not prepared yet; preparing it from') and '3seqs.txt' in line
     ref = tmp_path / 'ref'
     proc = run_script('data/prepare.py', '--source=data/3seqs.txt', '--compact_vocab=True', f'--out_dir={ref}')
     assert proc.returncode == 0, proc.stderr

@@ -88,8 +88,8 @@ def test_help_lists_every_setting_with_default_and_comment():
     (['--compile=yes'], ['compile expects bool (True/False)', "'yes'"]),
     (['--top_p=high'], ['top_p expects float or None', "'high'"]),
     (['nope/config.py'], ["config file 'nope/config.py' not found"]),
-    (['--temperature'], ["expected --key=value or a config file, got '--temperature'"]),
-    (['temperature=3'], ["expected --key=value, got 'temperature=3'"]),
+    (['--temperature'], ['--temperature needs a value: --temperature=VALUE or --temperature VALUE']),
+    (['temperature=3'], ["expected --key=value, --key value or a config file, got 'temperature=3'"]),
 ])
 def test_configurator_errors(args, phrases):
     assert_one_line_error(run_script('sample.py', *args), *phrases)
