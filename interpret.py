@@ -28,7 +28,7 @@ from model import GPT, CausalSelfAttention, LSTMSeqModel, apply_rope, gated_scor
 init_from = 'resume'  # 'resume', a .pt file, a GPT-2 name, a Hub repo id, or a local folder (as in sample.py)
 out_dir = 'out'  # where init_from='resume' finds ckpt.pt
 prompt = 'Once upon a time, there was a little girl named Lily. She loved to play with her ball.'  # for the maps
-attention_png: str | None = 'attention.png'  # write every head's pattern for the prompt here (None: skip)
+attention_png: str | None = 'attention.png'  # every head's pattern for the prompt (a bare name: in the run's folder; None: skip)
 sae = False  # train a sparse autoencoder on one layer's activations
 sae_layer = -1  # the block whose output (residual stream) it reads; -1: the last (an LSTM: its hidden state)
 sae_data = 'tinystories'  # its tokens: a data folder (a path, or NAME for data/NAME; bundled ones prepare themselves), or a text file
@@ -41,8 +41,8 @@ sae_batch = 1024  # activations per step
 sae_epochs = 10  # passes over the sae_tokens activations
 top_features = 24  # features shown in the HTML page (those with the most activation on held-out text)
 examples_per_feature = 8  # top-activating tokens shown per feature, each with its context
-sae_html = 'features.html'  # the page of top features
-out_json: str | None = None  # write the SAE's metrics here
+sae_html = 'features.html'  # the page of top features (a bare name: in the run's folder)
+out_json: str | None = None  # write the SAE's metrics here (a bare name: in the run's folder)
 seed = 1337
 device = 'auto'  # 'cpu', 'cuda', 'mps'; 'auto' picks cuda > mps > cpu
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
@@ -53,6 +53,12 @@ def die(msg):
     sys.exit(f"interpret.py: error: {msg}")
 
 
+# outputs go with the model they describe: a bare file name into the run's folder (out_dir for 'resume', a
+# checkpoint's folder), and for a Hub model into the current folder
+run_name = out_dir if init_from == 'resume' else init_from
+run_dir = out_dir if init_from == 'resume' else os.path.dirname(init_from) if init_from.endswith('.pt') else '.'
+attention_png, sae_html, out_json = (p if p is None or os.path.dirname(p) else os.path.join(run_dir, p)
+                                     for p in (attention_png, sae_html, out_json))
 try:  # every setting, and that the outputs can be written, before the work
     device = pick_device(device)
     for name, path in (('attention_png', attention_png), ('out_json', out_json), ('sae_html', sae and sae_html)):
@@ -123,27 +129,28 @@ if attention_png:
             h.remove()
         labels = [tokenizer.decode([i]).replace('\n', '\\n') for i in idx[0].tolist()]
         L, H, T = len(maps), maps[0].size(0), len(labels)
-        fig, axes = plt.subplots(L, H, figsize=(1.0 + 1.6 * H + 0.06 * T, 1.0 + 1.6 * L + 0.06 * T), squeeze=False)
+        # a slide's figure: panels of at least 2.4 inches, token labels of 7-10 points, one scale for every head
+        # with its colorbar (GLA's weights have signs, having no softmax nor positive feature map: red +, blue -)
+        size, font = max(2.4, 0.13 * T), max(7, min(10, 180 / T))
+        fig, axes = plt.subplots(L, H, figsize=(1.5 + size * H, 1.0 + size * L), squeeze=False)
+        top = max(max(w.abs().max().item() for w in maps), 1e-9)
+        signed = min(w.min().item() for w in maps) < 0
+        style = dict(cmap='RdBu_r', vmin=-top, vmax=top) if signed else dict(cmap='viridis', vmin=0, vmax=top)
         for layer in range(L):
             for head in range(H):
                 ax = axes[layer][head]
-                w = maps[layer][head]
-                top = max(w.abs().max().item(), 1e-9)
-                if w.min() < 0:  # GLA's weights have signs (no softmax, no positive feature map): red +, blue -
-                    ax.imshow(w.numpy(), cmap='RdBu_r', vmin=-top, vmax=top)
-                else:
-                    ax.imshow(w.numpy(), cmap='viridis', vmin=0, vmax=top)
-                ax.set_xticks(range(T), labels if layer == L - 1 else [], rotation=90, fontsize=5)
-                ax.set_yticks(range(T), labels if head == 0 else [], fontsize=5)
+                image = ax.imshow(maps[layer][head].numpy(), **style)
+                ax.set_xticks(range(T), labels if layer == L - 1 else [], rotation=90, fontsize=font)
+                ax.set_yticks(range(T), labels if head == 0 else [], fontsize=font)
                 if layer == 0:
-                    ax.set_title(f"head {head}", fontsize=8)
+                    ax.set_title(f"head {head}", fontsize=11)
                 if head == 0:
-                    ax.set_ylabel(f"layer {model.layer_ids[layer]}", fontsize=8)
+                    ax.set_ylabel(f"layer {model.layer_ids[layer]}", fontsize=11)
         kind = model.config.attention
-        fig.suptitle(f"{out_dir if init_from == 'resume' else init_from}: {kind} attention" + (" (equivalent causal weights)" if kind != 'softmax' else "") +
-                     "; rows: query token, columns: key token")
-        fig.tight_layout()
-        fig.savefig(attention_png, dpi=80)
+        fig.colorbar(image, ax=axes, shrink=0.6, label='weight' + (' (signed: + red, - blue)' if signed else ''))
+        fig.suptitle(f"{run_name}: {kind} attention" + (" (equivalent causal weights)" if kind != 'softmax' else "") +
+                     "; rows: query token, columns: key token", fontsize=12)
+        fig.savefig(attention_png, dpi=100, bbox_inches='tight')
         plt.close(fig)
         print(f"wrote {attention_png}: {L} layers x {H} heads, {T} tokens", file=sys.stderr)
 

@@ -7,6 +7,7 @@ train.py draws each run's loss.png with plot_runs too.
 import csv
 import os
 import sys
+import textwrap
 
 # -----------------------------------------------------------------------------
 runs: str | tuple | list = 'out'  # run folders (each with a log.csv), comma-separated
@@ -14,6 +15,7 @@ labels: str | tuple | list | None = None  # a label per run, comma-separated (No
 out = 'compare.png'  # the figure to write
 train = True  # draw the training loss too (thin lines), not only the validation loss
 title = ''  # the figure's title
+ylim: tuple | None = None  # the loss axis's range, e.g. (3.2, 4.5) (None: the range of the last 80% of training)
 # -----------------------------------------------------------------------------
 
 
@@ -23,9 +25,11 @@ def read_log(run):
         return list(csv.DictReader(f))
 
 
-def plot_runs(logs, out, train=True, title=''):
+def plot_runs(logs, out, train=True, title='', ylim=None):
     """Draw the runs' loss curves (logs: a list of (label, rows of a log.csv)) against tokens seen and
-    against wall time into the PNG file out. Raises ImportError without matplotlib."""
+    against wall time into the PNG file out, the loss axis zoomed onto the last 80% of training (where runs
+    differ; the first steps fall from ~10 nats) unless ylim gives its range. Raises ImportError without
+    matplotlib."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -40,13 +44,18 @@ def plot_runs(logs, out, train=True, title=''):
             if train and steps:
                 ax.plot([float(r[x]) for r in steps], [float(r['train_loss']) for r in steps], '-', color=color,
                         lw=0.8, alpha=0.5, label=f"{label} train")
-    axes[0].set(xlabel='tokens seen', ylabel='loss (nats per token)')
+    if ylim is None:  # the losses of the last 80% of each run's tokens, with a margin
+        late = [float(r[k]) for _, rows in logs for r in rows for k in ('train_loss', 'val_loss') if r[k] and
+                int(r['tokens']) >= 0.2 * max(int(q['tokens']) for q in rows)]
+        lo, hi = (min(late), max(late)) if late else (0, 1)
+        ylim = (lo - 0.05 * (hi - lo + 1e-3), hi + 0.05 * (hi - lo + 1e-3))
+    axes[0].set(xlabel='tokens seen', ylabel='loss (nats per token)', ylim=tuple(ylim))
     axes[1].set(xlabel='wall time (s)')
     axes[0].legend(fontsize=8)
     for ax in axes:
         ax.grid(alpha=0.3)
     if title:
-        fig.suptitle(title)
+        fig.suptitle('\n'.join(textwrap.wrap(title, 140)))
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -67,6 +76,8 @@ if __name__ == '__main__':
         die("runs is empty; give run folders, e.g. --runs=out-pico-tiny,out-pico-lstm")
     if len(labels) != len(runs):
         die(f"{len(labels)} labels for {len(runs)} runs")
+    if ylim is not None and not (len(ylim) == 2 and ylim[0] < ylim[1]):
+        die(f"ylim={ylim} must be (low, high) with low < high")
     if not os.path.isdir(os.path.dirname(os.path.abspath(out))) or os.path.isdir(out):
         die(f"out={out!r} cannot be written: {'it is a folder' if os.path.isdir(out) else 'its folder does not exist'}")
     logs = []
@@ -78,7 +89,7 @@ if __name__ == '__main__':
         if not logs[-1][1]:
             die(f"{path} has no rows yet")
     try:
-        plot_runs(logs, out, train, title)
+        plot_runs(logs, out, train, title, ylim)
     except ImportError:
         die("plot.py needs matplotlib, which is not installed: pip install matplotlib")
     print(f"{'run':<20} {'iters':>6} {'tokens':>10} {'time_s':>8} {'train':>7} {'val':>7} {'best val':>8} {'tok/s':>8}")

@@ -216,4 +216,5 @@ if plot:
                  ylabel='L2 norm')
     fig.tight_layout()
     fig.savefig(plot, dpi=110)
+    plt.close(fig)
     print(f"wrote {plot}", file=sys.stderr)

@@ -258,4 +258,5 @@ if plot:
                   xticks=[r['after_block'] + 1 for r in lens_rows])
     fig.tight_layout()
     fig.savefig(plot, dpi=110)
+    plt.close(fig)
     print(f"wrote {plot}", file=sys.stderr)

@@ -82,6 +82,7 @@ dtype = 'auto'  # 'float32', 'bfloat16' or 'float16' (autocast on GPU); 'auto': 
 compile = False  # torch.compile the model (PyTorch 2; on CPU it needs a C++ compiler)
 seed = 1337  # every iteration's randomness follows from (seed, iteration): a resumed run repeats an uninterrupted one
 _config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple, list, type(None)))]
+_defaults = {k: globals()[k] for k in _config_keys}
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 config = {k: globals()[k] for k in _config_keys}  # everything above, stored in the checkpoint
 # -----------------------------------------------------------------------------
@@ -166,6 +167,8 @@ if device_type == 'cuda':
     torch.backends.cudnn.allow_tf32 = True
 
 # -- data: every source is a data folder: train.bin / val.bin and what their ids mean (load.read_data_folder) ----
+if input_files and tinystories_weight == 0:
+    dataset = ''  # the course's --tinystories_weight 0.0: the input files alone, not a source of weight 0
 sources = ([dataset] if dataset else []) + input_files
 if not sources:
     die("no data: set dataset or input_files")
@@ -291,6 +294,8 @@ if checkpoint is not None:
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
     tokens_seen, time_offset = checkpoint.get('tokens_seen', 0), checkpoint.get('time_s', 0.0)
     loss_sum, iters_since_log = checkpoint.get('log_state', [0.0, 0])
+    if master:
+        print(f"resumed {ckpt_path} at iteration {iter_num} ({tokens_seen:,} tokens seen)")
 raw_model = model
 if compile:
     model = torch.compile(model)
@@ -380,7 +385,7 @@ def plot_losses():
         return
     try:
         plot_runs([(os.path.basename(os.path.normpath(out_dir)), read_log(out_dir))], os.path.join(out_dir, 'loss.png'),
-                  title=f"{model_type} in {out_dir}")
+                  title=f"{model_type} in {out_dir}" + (f": {', '.join(changed)}" if changed else ''))
     except ImportError:
         can_plot = False
         print("no loss.png: matplotlib is not installed (pip install matplotlib); log.csv has every number",
@@ -388,6 +393,11 @@ def plot_losses():
 
 
 can_plot = True
+# what this run changed from train.py's defaults (the model, data and optimizer; not where and how it logs), for
+# loss.png's title: a figure on a slide says which variant it shows
+changed = [f"{k}={config[k]}" for k in _config_keys if config[k] != _defaults[k] and k not in (
+    'out_dir', 'eval_interval', 'log_interval', 'eval_iters', 'eval_only', 'always_save_checkpoint', 'init_from',
+    'overwrite', 'device', 'dtype', 'compile', 'prompt', 'sample_tokens')]
 
 
 if master:

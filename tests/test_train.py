@@ -134,6 +134,7 @@ def test_resume_continues_exactly(datasets, tmp_path):
     assert train(part, *common, '--max_iters=20').returncode == 0
     proc = train(part, *common, '--max_iters=40', '--init_from=resume')
     assert proc.returncode == 0, proc.stderr
+    assert f"resumed {part}/ckpt.pt at iteration 20 (1,280 tokens seen)" in proc.stdout
 
     def losses(d):
         return [(r['iter'], r['tokens'], r['train_loss'], r['val_loss'], r['lr']) for r in read_log(d)]
@@ -281,7 +282,12 @@ def start_training(out_dir, *args, **popen):
     """train.py as a background process, returned once it has printed its first line (the loop is starting)."""
     p = subprocess.Popen([sys.executable, os.path.join(ROOT, 'train.py'), f'--out_dir={out_dir}', *TINY, *args],
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
-    assert 'tokens per iteration' in p.stdout.readline()
+    try:
+        while 'tokens per iteration' not in (line := p.stdout.readline()):  # (after "resumed ..." when resuming)
+            assert line, p.stderr.read()
+    except BaseException:
+        p.kill()  # never leave a training running behind a failed test
+        raise
     return p
 
 
