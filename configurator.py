@@ -148,6 +148,8 @@ def _configure(g):
         elif arg.startswith('--') and len(arg) > 2:  # argparse's spelling: --key value, --key v1 v2, --flag
             key = arg[2:]
             name = key if key in settings else STARTER_FLAGS.get(key, (None,))[0]
+            if name is None and key in STARTER_FLAGS:
+                known(key, None)  # a starter flag with no setting here: its one-line pointer
             many = name in settings and allows_list(name)
             values = []
             while i < len(args) and not args[i].startswith('--') and (many or not values):

@@ -10,7 +10,6 @@ import math
 import os
 import sys
 import time
-from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 import fast_cpu
 from load import check_output, load_model, pick_device, read_prompt
 from model import GPT, check_sampling_args, parse_active_layers
+from study import distinct_n, repeat_4gram
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # -----------------------------------------------------------------------------
@@ -45,23 +45,6 @@ exec(open(os.path.join(HERE, 'configurator.py')).read())
 
 def die(msg):
     sys.exit(f"prune.py: error: {msg}")
-
-
-def distinct_n(tokens, n):
-    """Distinct-n (Li et al. 2016): distinct n-grams / all n-grams of one token sequence."""
-    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else 0.0
-
-
-def repeat_4gram(tokens):
-    """Share of tokens that lie inside a 4-gram occurring more than once in the sequence."""
-    grams = [tuple(tokens[i:i + 4]) for i in range(len(tokens) - 3)]
-    counts = Counter(grams)
-    inside = [False] * len(tokens)
-    for i, g in enumerate(grams):
-        if counts[g] > 1:
-            inside[i:i + 4] = [True] * 4
-    return sum(inside) / len(tokens) if tokens else 0.0
 
 
 def windows(n_tokens, block_size, stride):

@@ -41,6 +41,7 @@ overwrite = False  # init_from='scratch' into an out_dir that holds a run: refus
 dataset = 'tinystories'  # a data folder (a path, or NAME for data/NAME; nanoGPT's folders work too), or '' for none
 input_files: tuple | list | str = ()  # more data folders (data/prepare.py --source=my.txt), mixed in as the course does
 tinystories_weight = 1.0  # probability that a training sequence comes from dataset; the rest come from input_files
+train_tokens: int | None = None  # train on only the first train_tokens tokens of each train split (overfitting studies)
 batch_size = 16  # sequences per micro-batch
 block_size = 128  # tokens per sequence
 gradient_accumulation_steps = 1  # micro-batches per optimizer step (divided among processes under torchrun)
@@ -104,6 +105,8 @@ for name in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'max_ite
              'eval_iters', 'embed_size', 'hidden_size', 'kgram_k', 'num_inner_mlp_layers'):
     if globals()[name] < 1:
         die(f"{name}={globals()[name]} must be >= 1")
+if train_tokens is not None and train_tokens < 1:
+    die(f"train_tokens={train_tokens} must be >= 1 (None: the whole train split)")
 for name, ok, allowed in (('tinystories_weight', 0 <= tinystories_weight <= 1, 'between 0 and 1'),
                           ('learning_rate', learning_rate > 0, '> 0'), ('min_lr', min_lr >= 0, '>= 0'),
                           ('weight_decay', weight_decay >= 0, '>= 0'), ('beta1', 0 <= beta1 < 1, 'in [0, 1)'),
@@ -185,6 +188,8 @@ except (OSError, ValueError) as e:
     die(e)
 data = dict(zip(sources, splits))
 for src in sources:
+    if train_tokens is not None:  # a smaller training set; val stays whole, so the gap measures overfitting
+        data[src]['train'] = data[src]['train'][:train_tokens]
     for split, arr in data[src].items():
         if len(arr) <= block_size + 1:
             die(f"block_size={block_size} is longer than the {split} split of {src} ({len(arr)} tokens); "

@@ -4,6 +4,7 @@ import gzip
 import hashlib
 import http.server
 import os
+import random
 import shutil
 import socket
 import struct
@@ -292,3 +293,33 @@ def block_matplotlib(tmp_path):
     (fake / 'matplotlib').mkdir(parents=True)
     (fake / 'matplotlib' / '__init__.py').write_text("raise ImportError('No module named matplotlib')\n")
     return {'PYTHONPATH': str(fake)}
+
+
+def story_text(n_docs=160, seed=0):
+    """TinyStories-like documents from a small grammar, separated by <|endoftext|> lines."""
+    rng = random.Random(seed)
+    names, things = ['Tom', 'Lily', 'Ben', 'Mia', 'Sam'], ['ball', 'cat', 'tree', 'boat', 'cake', 'dog']
+    docs = []
+    for _ in range(n_docs):
+        name = rng.choice(names)
+        s = [f"Once upon a time, {name} had a {rng.choice(things)}."]
+        for _ in range(rng.randint(2, 5)):
+            s.append(f"{rng.choice(names)} {rng.choice(['saw', 'liked', 'found', 'lost'])} the {rng.choice(things)}.")
+        docs.append(' '.join(s))
+    return ''.join(d + '\n<|endoftext|>\n' for d in docs)
+
+
+@pytest.fixture(scope='session')
+def datasets(tmp_path_factory):
+    """Prepared data folders: stories with a compacted vocabulary and with GPT-2's, and number lines."""
+    root = tmp_path_factory.mktemp('data')
+    (root / 'stories.txt').write_text(story_text())
+    (root / 'numbers.txt').write_text(''.join(' '.join(str(a + i) for i in range(12)) + '\n' for a in range(300)))
+    out = {}
+    for name, src, extra in (('compact', 'stories.txt', ['--compact_vocab=True']), ('full', 'stories.txt', []),
+                             ('numbers', 'numbers.txt', ['--compact_vocab=True'])):
+        proc = run_script('data/prepare.py', f'--source={root / src}', f'--out_dir={root / name}', *extra)
+        assert proc.returncode == 0, proc.stderr
+        out[name] = str(root / name)
+    out['stories.txt'] = str(root / 'stories.txt')
+    return out

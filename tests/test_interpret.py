@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 from conftest import assert_one_line_error, block_matplotlib, run_script
-from test_train import story_text
+from conftest import story_text
 
 from model import GPT, GPTConfig, KGramMLPSeqModel, LSTMSeqModel
 

@@ -155,7 +155,7 @@ def test_prune_sweep_and_logit_lens_agree_with_configs(hf_tiny, tmp_path):
 
 
 def test_repetition_measures_on_hand_made_tokens():
-    distinct_n, repeat_4gram = script_functions('prune.py', 'distinct_n', 'repeat_4gram')
+    from study import distinct_n, repeat_4gram
     assert distinct_n([1, 2, 3, 4], 1) == 1.0
     assert distinct_n([1, 1, 1, 1], 1) == 0.25
     assert distinct_n([1, 2, 1, 2, 1], 2) == 2 / 4  # (1,2) (2,1) (1,2) (2,1)

@@ -3,7 +3,6 @@ checkpoints resume exactly, Ctrl-C saves, NaN stops, DDP equals one process, and
 import csv
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -12,43 +11,13 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, assert_one_line_error, run_script
+from conftest import ROOT, assert_one_line_error, run_script, story_text
 
 from load import gpt2_encoding, load_model
 
 TINY = ['--n_layer=1', '--n_head=2', '--n_embd=32', '--block_size=16', '--batch_size=4', '--embed_size=16',
         '--hidden_size=16', '--eval_iters=4', '--log_interval=5', '--learning_rate=3e-3', '--warmup_iters=5',
         '--sample_tokens=4', '--device=cpu']
-
-
-def story_text(n_docs=160, seed=0):
-    """TinyStories-like documents from a small grammar, separated by <|endoftext|> lines."""
-    rng = random.Random(seed)
-    names, things = ['Tom', 'Lily', 'Ben', 'Mia', 'Sam'], ['ball', 'cat', 'tree', 'boat', 'cake', 'dog']
-    docs = []
-    for _ in range(n_docs):
-        name = rng.choice(names)
-        s = [f"Once upon a time, {name} had a {rng.choice(things)}."]
-        for _ in range(rng.randint(2, 5)):
-            s.append(f"{rng.choice(names)} {rng.choice(['saw', 'liked', 'found', 'lost'])} the {rng.choice(things)}.")
-        docs.append(' '.join(s))
-    return ''.join(d + '\n<|endoftext|>\n' for d in docs)
-
-
-@pytest.fixture(scope='session')
-def datasets(tmp_path_factory):
-    """Prepared data folders: stories with a compacted vocabulary and with GPT-2's, and number lines."""
-    root = tmp_path_factory.mktemp('data')
-    (root / 'stories.txt').write_text(story_text())
-    (root / 'numbers.txt').write_text(''.join(' '.join(str(a + i) for i in range(12)) + '\n' for a in range(300)))
-    out = {}
-    for name, src, extra in (('compact', 'stories.txt', ['--compact_vocab=True']), ('full', 'stories.txt', []),
-                             ('numbers', 'numbers.txt', ['--compact_vocab=True'])):
-        proc = run_script('data/prepare.py', f'--source={root / src}', f'--out_dir={root / name}', *extra)
-        assert proc.returncode == 0, proc.stderr
-        out[name] = str(root / name)
-    out['stories.txt'] = str(root / 'stories.txt')
-    return out
 
 
 def read_log(out_dir):

@@ -1,0 +1,327 @@
+"""
+The course's studies that need many samples or many training runs, each ending in a JSON file and a figure:
+    python study.py --study=top_p --out_dir=out-pico-tiny       # sample one model at every temperature x p
+    python study.py --study=overfitting                         # train on 5K..320K tokens: train/val gap, copying
+    python study.py --study=sweep --runs="learning_rate=1e-3;learning_rate=3e-3;learning_rate=1e-2"
+top_p writes top_p.json and top_p.png into the run's folder; overfitting and sweep train with train.py (one
+process per run, from the config file base) into study_dir and write their JSON and figure there.
+Measures, per sample (the prompt left out) and averaged: distinct-n (Li et al. 2016, arXiv 1510.03055), the
+share of tokens inside a repeated 4-gram, self-perplexity (the model's own perplexity of what it sampled:
+Holtzman et al. 2020, arXiv 1904.09751, show that low p gives text far likelier than human text, high p text
+far less likely), and for a training run the share of the sample's 8-grams found verbatim in its training set.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# -----------------------------------------------------------------------------
+study = 'top_p'  # 'top_p', 'overfitting' or 'sweep'
+# top_p: one trained model sampled at every temperature x p
+init_from = 'resume'  # 'resume', a .pt file, a GPT-2 name, a Hub repo id, or a local folder (as in sample.py)
+out_dir = 'out-pico-tiny'  # where init_from='resume' finds ckpt.pt; top_p.json and top_p.png go there too
+top_ps: tuple | float = (0.1, 0.3, 0.5, 0.8, 0.9, 0.95, 1.0)  # the p values of nucleus sampling, comma-separated
+temperatures: tuple | float = (0.7, 1.0, 1.3)  # the temperatures, comma-separated
+# every study's samples
+start = 'Once upon a time'  # the prompt, or "FILE:prompt.txt"
+num_samples = 10  # samples per setting (from the same seed)
+max_new_tokens = 100  # tokens per sample
+temperature = 1.0  # overfitting, sweep: the samples' temperature
+top_p = 0.95  # overfitting, sweep: the samples' p
+# overfitting and sweep: train.py runs
+base = 'config/pico_tiny.py'  # the config file every run starts from ('' for none; a relative path: here, then in this repo)
+overrides = ''  # train.py settings for every run, space-separated, e.g. 'max_iters=200 eval_interval=50'
+train_tokens: tuple | int = (5000, 20000, 80000, 320000)  # overfitting: the training-set sizes (train.py's train_tokens)
+runs = 'learning_rate=1e-3;learning_rate=3e-3;learning_rate=1e-2'  # sweep: ';' between runs, ' ' between settings
+study_dir = 'out-study'  # overfitting, sweep: the runs (one folder each), JSON and figure go here
+seed = 1337
+device = 'cpu'  # 'cpu', 'cuda', 'mps' (also given to train.py)
+# -----------------------------------------------------------------------------
+
+
+def distinct_n(tokens, n):
+    """Distinct-n (Li et al. 2016): distinct n-grams / all n-grams of one token sequence."""
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def repeat_4gram(tokens):
+    """Share of tokens that lie inside a 4-gram occurring more than once in the sequence."""
+    grams = [tuple(tokens[i:i + 4]) for i in range(len(tokens) - 3)]
+    counts = Counter(grams)
+    inside = [False] * len(tokens)
+    for i, g in enumerate(grams):
+        if counts[g] > 1:
+            inside[i:i + 4] = [True] * 4
+    return sum(inside) / len(tokens) if tokens else 0.0
+
+
+def ngram_keys(ids, n):
+    """One uint64 per n-gram of ids, so that millions of training n-grams fit in an array: the n-gram read as
+    a number in base 1,000,003 (> any vocabulary) wraps modulo 2^64, a hash whose collisions are negligible."""
+    ids = np.asarray(ids, dtype=np.uint64)
+    keys = np.zeros(max(0, len(ids) - n + 1), dtype=np.uint64)
+    for j in range(n):
+        keys = keys * np.uint64(1_000_003) + ids[j:len(ids) - n + 1 + j]
+    return keys
+
+
+def copied_share(tokens, train_keys, n=8):
+    """Share of the n-grams of tokens that occur verbatim in the training set (train_keys: its sorted
+    ngram_keys): 0 for new text, 1 for text recited from the training set."""
+    keys = ngram_keys(tokens, n)
+    return float(np.isin(keys, train_keys).mean()) if len(keys) else 0.0
+
+
+@torch.no_grad()
+def sample_stats(model, prompt_ids, n, new_tokens, temperature, top_p, rng_seed, train_keys=None):
+    """Sample n continuations of prompt_ids (one batch, the same seed for every setting) and measure them.
+    Returns a dict of the averaged measures and the continuations' token ids."""
+    torch.manual_seed(rng_seed)
+    device = next(model.parameters()).device
+    x = torch.tensor(prompt_ids, dtype=torch.long, device=device)[None].repeat(n, 1)
+    out = model.generate(x, new_tokens, temperature=temperature, top_p=top_p)
+    gen = out[:, len(prompt_ids):].tolist()
+    # self-perplexity: the model's own loss (temperature 1, nothing cut) on each sampled token, given the context
+    # generation gave it: all tokens before it, or the last block_size of them
+    bs, P, L = model.block_size or out.size(1), len(prompt_ids), out.size(1)
+    y = out[:, 1:bs + 1].clone()
+    y[:, :P - 1] = -1  # the prompt is not the model's
+    nll, count = 0.0, (y != -1).sum().item()
+    if count:
+        nll = model(out[:, :y.size(1)], y)[1].item() * count
+    for t in range(max(bs + 1, P), L):  # past block_size: one window per token, as generation read it
+        logits, _ = model(out[:, t - bs:t])
+        nll += F.cross_entropy(logits[:, -1].float(), out[:, t], reduction='sum').item()
+        count += n
+    stats = dict(distinct_1=float(np.mean([distinct_n(g, 1) for g in gen])),
+                 distinct_2=float(np.mean([distinct_n(g, 2) for g in gen])),
+                 repeat_4gram=float(np.mean([repeat_4gram(g) for g in gen])),
+                 self_perplexity=math.exp(nll / count))
+    if train_keys is not None:
+        stats['copied_8gram'] = float(np.mean([copied_share(g, train_keys) for g in gen]))
+    return stats, out.tolist()
+
+
+def as_tuple(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,)
+
+
+if __name__ == '__main__':
+    exec(open(os.path.join(HERE, 'configurator.py')).read())
+    from load import check_output, find_data_folder, load_model, pick_device, read_data_folder, read_prompt
+    from model import check_sampling_args
+
+    def die(msg):
+        sys.exit(f"study.py: error: {msg}")
+
+    def need_matplotlib():
+        try:
+            import matplotlib
+            matplotlib.use('Agg')
+            import matplotlib.pyplot as plt
+            return plt
+        except ImportError:
+            die("study.py draws figures with matplotlib, which is not installed: pip install matplotlib")
+
+    def load(init, folder):
+        """(model, tokenizer, checkpoint), in eval mode on device, or a one-line error."""
+        try:
+            model, tokenizer, ckpt = load_model(init, folder)
+        except (OSError, ValueError) as e:
+            die(e)
+        return model.eval().to(device), tokenizer, ckpt
+
+    def encode_prompt(tokenizer):
+        try:
+            ids = tokenizer.encode(read_prompt(start))
+        except (OSError, ValueError) as e:
+            die(e)
+        if not ids:
+            die("the prompt is empty; give --start=...")
+        return ids
+
+    def train_run(run_dir, settings):
+        """Train one run with train.py in a process of its own (its output goes to run_dir/train.out);
+        returns its last evaluation's numbers from log.csv."""
+        os.makedirs(run_dir, exist_ok=True)
+        cmd = [sys.executable, os.path.join(HERE, 'train.py'), *([base] if base else []),
+               *(f'--{s}' for s in overrides.split() + settings), f'--out_dir={run_dir}', '--overwrite=True',
+               f'--device={device}', f'--seed={seed}']
+        t0 = time.time()
+        with open(os.path.join(run_dir, 'train.out'), 'w') as log:
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.PIPE, text=True)
+        if proc.returncode != 0:
+            lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith(('overriding', 'note'))]
+            die(f"the run {' '.join(settings) or '(base)'} failed: {lines[-1] if lines else proc.returncode}")
+        from plot import read_log
+        evals = [r for r in read_log(run_dir) if r['val_loss']]
+        last = evals[-1]
+        print(f"  {run_dir}: train {float(last['train_loss']):.3f}, val {float(last['val_loss']):.3f} "
+              f"({time.time() - t0:.0f} s)")
+        return dict(iters=int(last['iter']), tokens_seen=int(last['tokens']), time_s=float(last['time_s']),
+                    train_loss=float(last['train_loss']), val_loss=float(last['val_loss']))
+
+    def training_keys(ckpt, tokenizer):
+        """The sorted 8-gram keys of what a run trained on (its sources' first train_tokens, in model ids)."""
+        cfg = ckpt['config']
+        files = cfg['input_files'].split(',') if isinstance(cfg['input_files'], str) else list(cfg['input_files'])
+        sources = ([cfg['dataset']] if cfg['dataset'] and not (files and cfg['tinystories_weight'] == 0) else []) + files
+        keys = []
+        for src in sources:
+            vocab, splits = read_data_folder(find_data_folder(src.strip()), check=False)
+            ids = tokenizer.table(vocab)[torch.from_numpy(splits['train'][:cfg.get('train_tokens')].astype(np.int64))]
+            keys.append(ngram_keys(ids.numpy(), 8))
+        return np.unique(np.concatenate(keys))
+
+    # -- check the settings before any work ----------------------------------------
+    if study not in ('top_p', 'overfitting', 'sweep'):
+        die(f"study={study!r} is not one of: top_p, overfitting, sweep")
+    top_ps, temperatures, train_tokens = as_tuple(top_ps), as_tuple(temperatures), as_tuple(train_tokens)
+    try:
+        device = pick_device(device)
+        for t in temperatures:
+            for p in top_ps:
+                check_sampling_args(t, None, p, max_new_tokens)
+        check_sampling_args(temperature, None, top_p, max_new_tokens)
+    except ValueError as e:
+        die(e)
+    if num_samples < 1:
+        die(f"num_samples={num_samples} must be >= 1")
+    if base and not os.path.isfile(base) and os.path.isfile(os.path.join(HERE, base)):
+        base = os.path.join(HERE, base)
+    if base and not os.path.isfile(base):
+        die(f"base config file {base!r} not found")
+    if any(not isinstance(n, int) or n < 1 for n in train_tokens):
+        die(f"train_tokens={train_tokens} must be whole numbers >= 1, comma-separated")
+    run_sets = [r.split() for r in runs.split(';') if r.strip()]
+    if study == 'sweep' and not run_sets:
+        die("runs is empty; give train.py settings per run, e.g. --runs='learning_rate=1e-3;learning_rate=3e-3'")
+    for s in overrides.split() + [s for r in run_sets for s in r]:
+        if '=' not in s or s.startswith('-'):
+            die(f"{s!r} in overrides or runs is not key=value (e.g. learning_rate=1e-3, no leading --)")
+    plt = need_matplotlib()
+    report_dir = (out_dir if init_from == 'resume' else '.') if study == 'top_p' else study_dir
+    try:
+        os.makedirs(report_dir, exist_ok=True)
+        json_path, png_path = (os.path.join(report_dir, f'{study}.{ext}') for ext in ('json', 'png'))
+        for path in (json_path, png_path):
+            check_output(path, 'out_dir' if study == 'top_p' else 'study_dir')
+    except (OSError, ValueError) as e:
+        die(e)
+
+    if study == 'top_p':
+        # -- top_p: how the text changes with p (and temperature), one model, the same seed everywhere --------
+        model, tokenizer, ckpt = load(init_from, out_dir)
+        prompt_ids = encode_prompt(tokenizer)
+        val_loss = (ckpt or {}).get('best_val_loss')  # the model's loss on real text, for comparison
+        rows = []
+        for t in temperatures:
+            for p in top_ps:
+                stats, seqs = sample_stats(model, prompt_ids, num_samples, max_new_tokens, t, p, seed)
+                rows.append(dict(temperature=t, top_p=p, **stats, samples=[tokenizer.decode(s) for s in seqs]))
+        print(f"{'temp':>5} {'p':>5} {'dist-1':>7} {'dist-2':>7} {'rep-4':>7} {'self-ppl':>9}  first sample")
+        for r in rows:
+            text = r['samples'][0][len(read_prompt(start)):].replace('\n', ' ')
+            print(f"{r['temperature']:5.2f} {r['top_p']:5.2f} {r['distinct_1']:7.3f} {r['distinct_2']:7.3f} "
+                  f"{r['repeat_4gram']:7.3f} {r['self_perplexity']:9.2f}  {text[:90]}")
+        fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+        for t in temperatures:
+            mine = [r for r in rows if r['temperature'] == t]
+            for ax, key in zip(axes, ('distinct_2', 'repeat_4gram', 'self_perplexity')):
+                ax.plot([r['top_p'] for r in mine], [r[key] for r in mine], 'o-', label=f"temperature {t:g}")
+        for ax, label in zip(axes, ('distinct-2 (higher: more varied)', 'share of tokens in a repeated 4-gram',
+                                    'self-perplexity (the model\'s own)')):
+            ax.set(xlabel='top-p', title=label)
+            ax.grid(alpha=0.3)
+        axes[2].set_yscale('log')
+        if isinstance(val_loss, float) and math.isfinite(val_loss):  # Holtzman et al.'s point: real text lies between
+            axes[2].axhline(math.exp(val_loss), color='gray', ls='--', label=f'on val text ({math.exp(val_loss):.1f})')
+            axes[2].legend(fontsize=9)
+        axes[0].legend(fontsize=9)
+        fig.suptitle(f"{init_from if init_from != 'resume' else out_dir}: {num_samples} samples x {max_new_tokens} "
+                     f"tokens per setting, prompt {read_prompt(start)!r}", fontsize=10)
+        result = dict(study='top_p', model=init_from if init_from != 'resume' else out_dir, val_loss=val_loss, start=start,
+                      num_samples=num_samples, max_new_tokens=max_new_tokens, seed=seed, rows=rows)
+
+    elif study == 'overfitting':
+        # -- overfitting: the same model and iterations on less and less data ---------------------------------
+        rows = []
+        print(f"training {len(train_tokens)} runs into {study_dir} (train.py {base} {overrides})")
+        for n in train_tokens:
+            run_dir = os.path.join(study_dir, f'tokens-{n}')
+            numbers = train_run(run_dir, [f'train_tokens={n}'])
+            model, tokenizer, ckpt = load('resume', run_dir)
+            stats, seqs = sample_stats(model, encode_prompt(tokenizer), num_samples, max_new_tokens, temperature,
+                                       top_p, seed, training_keys(ckpt, tokenizer))
+            rows.append(dict(train_tokens=n, **numbers, gap=numbers['val_loss'] - numbers['train_loss'], **stats,
+                             samples=[tokenizer.decode(s) for s in seqs]))
+        print(f"{'train tokens':>12} {'epochs':>7} {'train':>7} {'val':>7} {'gap':>6} {'dist-2':>7} {'rep-4':>7} "
+              f"{'copied-8':>8}")
+        for r in rows:
+            print(f"{r['train_tokens']:>12,} {r['tokens_seen'] / r['train_tokens']:7.1f} {r['train_loss']:7.3f} "
+                  f"{r['val_loss']:7.3f} {r['gap']:6.3f} {r['distinct_2']:7.3f} {r['repeat_4gram']:7.3f} "
+                  f"{r['copied_8gram']:8.3f}")
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+        x = [r['train_tokens'] for r in rows]
+        axes[0].plot(x, [r['train_loss'] for r in rows], 'o-', label='train loss')
+        axes[0].plot(x, [r['val_loss'] for r in rows], 'o-', label='val loss')
+        axes[0].fill_between(x, [r['train_loss'] for r in rows], [r['val_loss'] for r in rows], alpha=0.15,
+                             label='gap (val - train)')
+        axes[0].set(xscale='log', xlabel='training-set size (tokens)', ylabel='loss (nats per token)',
+                    title='final losses')
+        gaps = [r['gap'] for r in rows]
+        for key, label in (('copied_8gram', "sample 8-grams found in the training set"),
+                           ('distinct_2', 'distinct-2'), ('repeat_4gram', 'tokens in a repeated 4-gram')):
+            axes[1].plot(gaps, [r[key] for r in rows], 'o-', label=label)
+        for i, r in enumerate(rows):  # each point named by its size, labels alternating above and below
+            axes[1].annotate(f"{r['train_tokens']:,} tokens", (r['gap'], r['copied_8gram']), fontsize=8,
+                             textcoords='offset points', xytext=(4, 8 if i % 2 else -14))
+        axes[1].set(xlabel='train/val gap (nats)', ylim=(0, 1.05),
+                    title=f'samples (temperature {temperature:g}, top-p {top_p:g}) against the gap')
+        for ax in axes:
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=9)
+        fig.suptitle(f"overfitting: {' '.join([os.path.basename(base), overrides]).strip()}, {rows[0]['iters']} iterations "
+                     f"({rows[0]['tokens_seen']:,} tokens seen) on each training-set size", fontsize=10)
+        result = dict(study='overfitting', base=base, overrides=overrides, start=start, temperature=temperature,
+                      top_p=top_p, num_samples=num_samples, max_new_tokens=max_new_tokens, seed=seed, rows=rows)
+
+    else:
+        # -- sweep: one run per set of settings, overlaid ------------------------------------------------------
+        from plot import plot_runs, read_log
+        rows, logs = [], []
+        print(f"training {len(run_sets)} runs into {study_dir} (train.py {base} {overrides})")
+        for settings in run_sets:
+            name = '_'.join(s.replace('=', '-') for s in settings) or 'base'
+            run_dir = os.path.join(study_dir, ''.join(c if c.isalnum() or c in '-_.' else '_' for c in name))
+            numbers = train_run(run_dir, settings)
+            model, tokenizer, _ = load('resume', run_dir)
+            stats, seqs = sample_stats(model, encode_prompt(tokenizer), num_samples, max_new_tokens, temperature,
+                                       top_p, seed)
+            rows.append(dict(settings=' '.join(settings), run=run_dir, **numbers, **stats,
+                             samples=[tokenizer.decode(s) for s in seqs]))
+            logs.append((' '.join(settings) or 'base', read_log(run_dir)))
+        print(f"{'settings':<36} {'train':>7} {'val':>7} {'time_s':>7} {'dist-2':>7} {'self-ppl':>9}")
+        for r in rows:
+            print(f"{r['settings'][:36]:<36} {r['train_loss']:7.3f} {r['val_loss']:7.3f} {r['time_s']:7.1f} "
+                  f"{r['distinct_2']:7.3f} {r['self_perplexity']:9.2f}")
+        plot_runs(logs, png_path, title=f"sweep: {' '.join([os.path.basename(base), overrides]).strip()}")
+        fig = None
+        result = dict(study='sweep', base=base, overrides=overrides, rows=rows)
+
+    if fig is not None:
+        fig.tight_layout()
+        fig.savefig(png_path, dpi=110)
+        plt.close(fig)
+    with open(json_path, 'w') as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {json_path} and {png_path}", file=sys.stderr)
