@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -24,19 +25,24 @@ from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
 bench = 'decode'  # 'decode' (vs transformers, CTranslate2), 'train' (vs nanoGPT's math) or 'attention' (kinds)
-engines_list: str | tuple = 'transformers,ctranslate2-float32,ctranslate2-int8,float32,float32+compile,float16,bfloat16,bfloat16+compile'  # what to compare
+engines_list: str | tuple = 'transformers,ctranslate2-float32,ctranslate2-int8,llama.cpp-F16,llama.cpp-Q8_0,float32,float32+compile,float16,bfloat16,bfloat16+compile,int8,int8+compile'  # what to compare
+isolate = True  # each engine in a process of its own, engine after engine, repeats rounds (a loaded engine slows others)
+llama_cpp = '~/.cache/llama-bench/llama_cpp_python-0.3.36/vendor/llama.cpp'  # llama.cpp's sources with build/bin/llama-bench (bash ../shared/tools/build-llama-bench)
+weights: str | None = None  # (set for its own processes) the folder of the random GPT-2 weights every engine loads
+json_out: str | None = None  # (set for its own processes) where a process writes its figures
 new_tokens: tuple | int = (100, 500)  # decode lengths to measure
 prompt_len = 16  # tokens in the (random) prompt
 prefill_len = 512  # prompt length for the time-to-first-token measurement
 batch_size = 8  # rows decoded together for the batch measurement
 accuracy_prompts = 20  # prompts for the half-precision accuracy check
 top_k: int | None = 200  # sampling as sample.py does it (temperature 1.0)
-repeats = 3  # runs of each side per length; the median is reported
+repeats = 5  # runs of each side (models take turns); the median is reported
 threads = 2  # torch.set_num_threads
 seed = 1337
 # bench='train': nanoGPT's CPU example (shakespeare_char: 65 characters, 4 layers, 128 wide, batch 12 x 64)
 train_vocab = 65  # vocabulary size
-train_steps = 30  # optimizer steps per timed run
+train_steps = 30  # optimizer steps per timed run (a sixth of them at the full vocabulary)
+train_sizes = 'char,full_vocab'  # nanoGPT's shakespeare_char size, and pico_tiny's model with GPT-2's vocabulary
 # bench='attention': a GPT-2 124M-shaped model of each attention kind
 positions: tuple | int = (100, 1000, 4000)  # decode cost per token measured at these positions
 decode_tokens = 32  # tokens decoded (and timed) at each position
@@ -57,12 +63,15 @@ def timed(fn):
 
 def training_times(models, batches):
     """Seconds per pass over batches (forward, backward, AdamW) for each model, after one warm-up pass;
-    the models take turns, repeats times."""
-    optims = {k: torch.optim.AdamW(m.parameters(), lr=1e-3) for k, m in models.items()}
+    the models take turns, repeats times. models: name -> module, or (module, step) where step(x, y) returns
+    (logits, loss) in place of module(x, y)."""
+    models = {k: m if isinstance(m, tuple) else (m, m) for k, m in models.items()}
+    # ours with train.py's fused AdamW; nanoGPT's math with nanoGPT's optimizer on CPU (foreach: fused only on CUDA)
+    optims = {k: torch.optim.AdamW(m.parameters(), lr=1e-3, fused=isinstance(m, GPT)) for k, (m, _) in models.items()}
 
     def run(name):
         for x, y in batches:
-            _, loss = models[name](x, y)
+            _, loss = models[name][1](x, y)
             loss.backward()
             optims[name].step()
             optims[name].zero_grad(set_to_none=True)
@@ -82,16 +91,23 @@ if bench == 'decode':
         sys.exit("bench.py: error: the decode benchmark compares against transformers: pip install transformers")
     # the same random GPT-2 124M weights everywhere: transformers writes them, every engine loads them
     torch.manual_seed(seed)
-    hf = GPT2LMHeadModel(GPT2Config()).eval()
-    folder = tempfile.mkdtemp()
-    hf.save_pretrained(folder)
-    dtypes = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+    if weights is None:
+        hf = GPT2LMHeadModel(GPT2Config()).eval()
+        folder = tempfile.mkdtemp()
+        hf.save_pretrained(folder)
+        for ours, _, theirs in GPT2_BPE_FILES:  # the tokenizer files CTranslate2's and llama.cpp's converters want
+            shutil.copy(os.path.join(DATA, ours), os.path.join(folder, theirs))
+    else:
+        folder = weights
+        hf = GPT2LMHeadModel.from_pretrained(folder).eval()
+    dtypes = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16, 'int8': torch.float32}
 
     def our_engine(spec):
         """'float16' or 'bfloat16+compile': our GPT in that dtype, as sample.py runs it on a CPU
         (fast_cpu.optimize, with compile_decode when asked)."""
         name, _, extra = spec.partition('+')
-        model = fast_cpu.optimize(GPT.from_pretrained(folder).eval().to(dtypes[name]))
+        model = GPT.from_pretrained(folder).eval().to(dtypes[name])
+        model = fast_cpu.optimize(fast_cpu.quantize_int8(model) if name == 'int8' else model)
         if extra == 'compile' and not fast_cpu.compile_decode(model):
             return None
 
@@ -114,8 +130,6 @@ if bench == 'decode':
         """CTranslate2 (bench-only): its converter wants GPT-2's tokenizer files beside the model, which
         data/ ships (load.GPT2_BPE_FILES names them)."""
         import ctranslate2
-        for ours, _, theirs in GPT2_BPE_FILES:
-            shutil.copy(os.path.join(DATA, ours), os.path.join(folder, theirs))
         out = os.path.join(folder, f'ct2-{compute_type}')
         if not os.path.exists(out):
             ctranslate2.converters.TransformersConverter(folder).convert(out, quantization=compute_type)
@@ -136,48 +150,127 @@ if bench == 'decode':
         load_and_unload[f'ctranslate2-{compute_type}'] = (load, gen.clear)
         return generate, None
 
-    engines, load_and_unload = {}, {}
-    for spec in [e.strip() for e in (engines_list.split(',') if isinstance(engines_list, str) else engines_list)]:
-        if spec == 'transformers':
-            engines[spec] = hf_engine()
-        elif spec.startswith('ctranslate2-'):
-            try:
-                engines[spec] = ct2_engine(spec.removeprefix('ctranslate2-'))
-            except ImportError:
-                print(f"skipping {spec}: ctranslate2 is not installed (pip install ctranslate2)")
-        elif spec.partition('+')[0] in dtypes:
-            engine = our_engine(spec)
-            if engine is not None:
-                engines[spec] = engine
-        else:
-            sys.exit(f"bench.py: error: engine {spec!r} is not one of: transformers, ctranslate2-float32, "
-                     f"ctranslate2-int8, float32, bfloat16, float16 (+compile)")
-    print(f"GPT-2 124M (random weights), top_k={top_k}, {threads} threads, torch {torch.__version__}, "
-          f"median of {repeats} alternating runs")
+    def llama_engine(quant):
+        """llama.cpp's llama-bench on the same weights converted to GGUF by llama.cpp's own converter: decode
+        tokens/s (tg: generation from an empty context) and prompt processing (pp) for the first-token time."""
+        root = os.path.expanduser(llama_cpp)
+        binary = os.path.join(root, 'build', 'bin', 'llama-bench')
+        if not os.path.isfile(binary):
+            print(f"skipping llama.cpp-{quant}: no {binary} (bash ../shared/tools/build-llama-bench builds it)")
+            return None
+        gguf = os.path.join(folder, f'gpt2-{quant.lower()}.gguf')
+        if not os.path.exists(gguf):
+            with tempfile.TemporaryDirectory() as tmp:  # its converter wants GPT-2's old n_ctx key in config.json
+                for f in os.listdir(folder):
+                    if f != 'config.json' and os.path.isfile(os.path.join(folder, f)):
+                        os.symlink(os.path.join(folder, f), os.path.join(tmp, f))
+                with open(os.path.join(folder, 'config.json')) as f:
+                    config = json.load(f)
+                with open(os.path.join(tmp, 'config.json'), 'w') as f:
+                    json.dump({**config, 'n_ctx': config.get('n_positions', 1024)}, f)
+                subprocess.run([sys.executable, os.path.join(root, 'convert_hf_to_gguf.py'), tmp, '--outtype',
+                                quant.lower(), '--outfile', gguf], check=True, capture_output=True)
 
-    def compare(title, n_tokens, idx, n):
-        """Tokens per second (or the time to the first token when n == 1) of every engine, alternating."""
-        times = {k: [] for k in engines}
-        for _ in range(repeats):
-            for k, (gen, _) in engines.items():
-                load, unload = load_and_unload.get(k, (lambda: None, lambda: None))
-                load()
-                gen(idx, min(n, 4))  # warm up
-                times[k].append(timed(lambda: gen(idx, n)))
-                unload()
-        print(title)
-        for k in engines:
-            t = statistics.median(times[k])
-            print(f"  {k:<22} {t * 1000:8.1f} ms" if n == 1 else f"  {k:<22} {n_tokens / t:8.1f} tok/s")
-    g = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(0, 50257, (1, prompt_len), generator=g)
-    for n in new_tokens:
-        compare(f"batch 1, {prompt_len}-token prompt, {n} new tokens:", n, prompt, n)
-    compare(f"time to first token, {prefill_len}-token prompt:", 1,
-            torch.randint(0, 50257, (1, prefill_len), generator=g), 1)
-    compare(f"batch {batch_size}, {prompt_len}-token prompt, 100 new tokens:", 100 * batch_size,
-            torch.randint(0, 50257, (batch_size, prompt_len), generator=g), 100)
-    # half precision against float32: last-position logits, and 100-token greedy continuations of 20 prompts
+        def figures():
+            def run(*args):
+                out = subprocess.run([binary, '-m', gguf, '-t', str(threads), '-r', '2', '-o', 'json', *args],
+                                     check=True, capture_output=True, text=True)
+                return json.loads(out.stdout)
+            figs = {f'b1-{r["n_gen"]}': r['avg_ts'] for r in run('-p', '0', '-n', ','.join(map(str, new_tokens)))}
+            figs['ttft'] = 1000 * prefill_len / run('-p', str(prefill_len), '-n', '0')[0]['avg_ts']
+            return figs
+        return figures
+
+    specs = [e.strip() for e in (engines_list.split(',') if isinstance(engines_list, str) else engines_list)]
+    titles = {**{f'b1-{n}': f"batch 1, {prompt_len}-token prompt, {n} new tokens (tok/s)" for n in new_tokens},
+              'ttft': f"time to first token, {prefill_len}-token prompt (ms)",
+              'b8': f"batch {batch_size}, {prompt_len}-token prompt, 100 new tokens (tok/s)"}
+    capability = torch.backends.cpu.get_cpu_capability()
+    if isolate and json_out is None:
+        # one process per engine and round: this process only starts them, and checks accuracy at the end
+        figures = {spec: {} for spec in specs}
+        print(f"GPT-2 124M (random weights), top_k={top_k}, {threads} threads, torch {torch.__version__}, {capability}, "
+              f"one process per engine, median of {repeats} rounds")
+        llama = {spec: llama_engine(spec.removeprefix('llama.cpp-')) for spec in specs if spec.startswith('llama.cpp-')}
+        for r in range(repeats):
+            for spec in specs:
+                if spec in llama:
+                    figs = llama[spec]() if llama[spec] else {}
+                else:
+                    with tempfile.NamedTemporaryFile(suffix='.json') as f:
+                        proc = subprocess.run([sys.executable, os.path.abspath(__file__), '--bench=decode',
+                                               f'--engines_list={spec}', '--repeats=1', '--accuracy_prompts=0',
+                                               f'--weights={folder}', f'--json_out={f.name}', f'--threads={threads}',
+                                               f'--new_tokens={",".join(map(str, new_tokens))}', f'--top_k={top_k}',
+                                               f'--prompt_len={prompt_len}', f'--prefill_len={prefill_len}',
+                                               f'--batch_size={batch_size}', f'--seed={seed}'],
+                                              capture_output=True, text=True)
+                        figs = json.load(open(f.name)).get(spec, {}) if proc.returncode == 0 else {}
+                    if proc.returncode != 0 or not figs:
+                        print(f"  {spec}: {(proc.stdout + proc.stderr).strip().splitlines()[-1:]}")
+                for key, value in figs.items():
+                    figures[spec].setdefault(key, []).append(value)
+            print(f"  round {r + 1} of {repeats} done", file=sys.stderr)
+        for key, title in titles.items():
+            print(title)
+            for spec in specs:
+                values = figures[spec].get(key)
+                print(f"  {spec:<22} " + (f"{statistics.median(values):8.1f}" if values else "     n/a"))
+        median = {spec: {k: statistics.median(v) for k, v in f.items()} for spec, f in figures.items()}
+        for ours, theirs in (('int8', 'ctranslate2-int8'), ('int8', 'llama.cpp-Q8_0'), ('int8+compile', 'llama.cpp-Q8_0'),
+                             ('float16', 'llama.cpp-F16'), ('float32', 'ctranslate2-float32')):
+            if median.get(ours) and median.get(theirs):
+                print(f"{ours} / {theirs}: " + ", ".join(f"{n} tokens {median[ours][f'b1-{n}'] / median[theirs][f'b1-{n}']:.2f}x"
+                                                         for n in new_tokens if f'b1-{n}' in median[theirs]))
+        engines = {spec: our_engine(spec) for spec in specs if spec.partition('+')[0] in dtypes}
+        engines = {k: v for k, v in engines.items() if v is not None}
+    else:
+        engines, load_and_unload = {}, {}
+        for spec in specs:
+            if spec == 'transformers':
+                engines[spec] = hf_engine()
+            elif spec.startswith('ctranslate2-'):
+                try:
+                    engines[spec] = ct2_engine(spec.removeprefix('ctranslate2-'))
+                except ImportError:
+                    print(f"skipping {spec}: ctranslate2 is not installed (pip install ctranslate2)")
+            elif spec.partition('+')[0] in dtypes:
+                engine = our_engine(spec)
+                if engine is not None:
+                    engines[spec] = engine
+            elif not spec.startswith('llama.cpp-'):
+                sys.exit(f"bench.py: error: engine {spec!r} is not one of: transformers, ctranslate2-float32, "
+                         f"ctranslate2-int8, llama.cpp-F16, llama.cpp-Q8_0, float32, bfloat16, float16, int8 (+compile)")
+        print(f"GPT-2 124M (random weights), top_k={top_k}, {threads} threads, torch {torch.__version__}, {capability}, "
+              f"median of {repeats} alternating runs in one process")
+        figures = {k: {} for k in engines}
+
+        def compare(key, n_tokens, idx, n):
+            """Tokens per second (or the time to the first token when n == 1) of every engine, alternating."""
+            times = {k: [] for k in engines}
+            for _ in range(repeats):
+                for k, (gen, _) in engines.items():
+                    load, unload = load_and_unload.get(k, (lambda: None, lambda: None))
+                    load()
+                    gen(idx, min(n, 4))  # warm up
+                    times[k].append(timed(lambda: gen(idx, n)))
+                    unload()
+            print(titles[key])
+            for k in engines:
+                t = statistics.median(times[k])
+                figures[k][key] = t * 1000 if n == 1 else n_tokens / t
+                print(f"  {k:<22} {figures[k][key]:8.1f}")
+        g = torch.Generator().manual_seed(seed)
+        prompt = torch.randint(0, 50257, (1, prompt_len), generator=g)
+        for n in new_tokens:
+            compare(f'b1-{n}', n, prompt, n)
+        compare('ttft', 1, torch.randint(0, 50257, (1, prefill_len), generator=g), 1)
+        compare('b8', 100 * batch_size, torch.randint(0, 50257, (batch_size, prompt_len), generator=g), 100)
+        if json_out:
+            with open(json_out, 'w') as f:
+                json.dump(figures, f)
+    # half precision and int8 against float32: last-position logits, and 100-token greedy continuations
+    g = torch.Generator().manual_seed(seed + 1)
     if 'float32' in engines and accuracy_prompts:
         prompts = [torch.randint(0, 50257, (1, prompt_len), generator=g) for _ in range(accuracy_prompts)]
         ref_logits = [engines['float32'][1](p) for p in prompts]
@@ -225,20 +318,54 @@ elif bench == 'train':
             logits = self.lm_head(self.ln_f(x))
             return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
 
-    B, T, C, H, L = 12, 64, 128, 4, 4
-    models = {'nanoGPT math': RefGPT(train_vocab, T, C, H, L),
-              'ours (GPT)': GPT(GPTConfig(block_size=T, vocab_size=train_vocab, n_layer=L, n_head=H, n_embd=C,
-                                          bias=False, activation='gelu')),
-              'ours (Transformer, RMSNorm)': GPT(GPTConfig(block_size=T, vocab_size=train_vocab, n_layer=L, n_head=H,
-                                                           n_embd=C, bias=False, norm='rmsnorm'))}
-    batches = [(torch.randint(0, train_vocab, (B, T)), torch.randint(0, train_vocab, (B, T))) for _ in range(train_steps)]
-    times = training_times(models, batches)
-    print(f"training step (forward + backward + AdamW), batch {B} x {T}, {L} layers x {C}, vocab {train_vocab}, "
-          f"{threads} threads, torch {torch.__version__}, median of {repeats} runs of {train_steps} steps")
-    ref_tps = B * T * train_steps / statistics.median(times['nanoGPT math'])
-    for name in models:
-        tps = B * T * train_steps / statistics.median(times[name])
-        print(f"  {name:<28} {tps:9,.0f} tokens/s   {tps / ref_tps:.2f}x")
+    def plain_loss(model):
+        """The loss as it was computed before ChunkedCrossEntropy: every position's logits, then F.cross_entropy."""
+        return model, lambda x, y: (None, F.cross_entropy(model(x)[0].flatten(0, 1), y.flatten()))
+
+    def autocast(model):
+        """model's step as train.py takes it with dtype='bfloat16', what 'auto' picks on a CPU with bfloat16 instructions."""
+        def step(x, y):
+            with torch.autocast('cpu', torch.bfloat16):
+                return model(x, y)
+        return model, step
+
+    def report(title, models, batches, ref):
+        times = training_times(models, batches)
+        B, T = batches[0][0].shape
+        print(f"{title}: batch {B} x {T}, {threads} threads, torch {torch.__version__}, "
+              f"{torch.backends.cpu.get_cpu_capability()}, median of {repeats} runs of {len(batches)} steps")
+        ref_tps = B * T * len(batches) / statistics.median(times[ref])
+        for name in models:
+            tps = B * T * len(batches) / statistics.median(times[name])
+            print(f"  {name:<48} {tps:9,.0f} tokens/s   {tps / ref_tps:.2f}x")
+
+    def char_gpt(**kw):
+        torch.manual_seed(seed)
+        return GPT(GPTConfig(block_size=64, vocab_size=train_vocab, n_layer=4, n_head=4, n_embd=128, bias=False, **kw))
+
+    if 'char' in train_sizes:  # nanoGPT's CPU example: shakespeare_char, 4 layers x 128, batch 12 x 64
+        torch.manual_seed(seed)
+        models = {'nanoGPT math': RefGPT(train_vocab, 64, 128, 4, 4),
+                  'nanoGPT math, bfloat16 autocast': autocast(RefGPT(train_vocab, 64, 128, 4, 4)),
+                  'ours (GPT)': char_gpt(activation='gelu'),
+                  'ours (GPT, loss as before)': plain_loss(char_gpt(activation='gelu')),
+                  'ours (GPT), bfloat16 autocast': autocast(char_gpt(activation='gelu')),
+                  'ours (Transformer, RMSNorm)': char_gpt(norm='rmsnorm'),
+                  'ours (Transformer, RMSNorm), bfloat16 autocast': autocast(char_gpt(norm='rmsnorm'))}
+        batches = [(torch.randint(0, train_vocab, (12, 64)), torch.randint(0, train_vocab, (12, 64)))
+                   for _ in range(train_steps)]
+        report(f"nanoGPT's CPU size, vocabulary {train_vocab}", models, batches, 'nanoGPT math')
+    if 'full_vocab' in train_sizes:  # config/pico_tiny.py's model with GPT-2's whole vocabulary, as the course has it
+        def pico():
+            torch.manual_seed(seed)
+            return GPT(GPTConfig(block_size=128, vocab_size=50257, n_layer=4, n_head=4, n_embd=128, bias=False,
+                                 norm='rmsnorm'))
+        models = {'loss as before (all logits)': plain_loss(pico()), 'chunked loss, float32': pico(),
+                  'chunked loss, bfloat16 autocast': autocast(pico())}
+        batches = [(torch.randint(0, 50257, (16, 128)), torch.randint(0, 50257, (16, 128)))
+                   for _ in range(max(1, train_steps // 6))]
+        report("pico_tiny's model (4 x 128, RMSNorm) with GPT-2's 50,257-token vocabulary", models, batches,
+               'loss as before (all logits)')
 elif bench == 'attention':
     kinds = [k.strip() for k in attention_kinds.split(',')]
     positions = (positions,) if isinstance(positions, int) else tuple(positions)

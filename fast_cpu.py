@@ -1,12 +1,13 @@
 """
 Fast CPU inference for a loaded model, in one call: fast_cpu.optimize(model). model.py stays plain PyTorch;
 this file swaps in the kernels that measured fastest on CPUs (bench.py, README "Speed") and leaves training,
-torch.compile and GPUs on the ordinary path.
+torch.compile and GPUs on the ordinary path (training only asks bfloat16_matmul_is_faster()).
     model = load_model(...)[0].eval().to(dtype)
     fast_cpu.optimize(model)                 # kernel choice by dtype and shape; attention in float32
     fast_cpu.optimize(model, compile=True)   # also compile the one-row matmuls of decoding (needs a C++ compiler)
 """
 import sys
+import time
 
 import torch
 import torch.nn as nn
@@ -25,6 +26,21 @@ def _onednn_linear_works(dtype):
 
 
 ONEDNN_DTYPES = {dt for dt in (torch.float32, torch.bfloat16) if _onednn_linear_works(dt)}
+
+
+def bfloat16_matmul_is_faster():
+    """True if this CPU multiplies bfloat16 matrices at least 1.5x faster than float32, measured on the shape of
+    a training loss's output layer (256 rows x 128 -> 8,192). CPUs with AVX512-BF16 or AMX do (oneDNN, ~2.5x on
+    a 2-core AMD EPYC); AVX2 ones emulate bfloat16 and are slower. About 0.1 s, once."""
+    def best(dtype):
+        x, w = torch.randn(256, 128).to(dtype), torch.randn(8192, 128).to(dtype)
+        times = []
+        for _ in range(4):
+            t0 = time.perf_counter()
+            x @ w.t()
+            times.append(time.perf_counter() - t0)
+        return min(times[1:])
+    return best(torch.float32) > 1.5 * best(torch.bfloat16)
 
 
 def one_row_matmul(x, weight):
@@ -59,6 +75,64 @@ class CPULinear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
+class Int8Linear(nn.Module):
+    """A Linear whose weight is stored as int8, one float scale per output channel (symmetric: w ~= q * scale,
+    q in [-127, 127]): a quarter of float32's bytes, and decoding reads every weight once per token. The
+    activations stay float32 outside; the matmul runs PyTorch's int8-weight kernel on bfloat16 activations
+    (_weight_int8pack_mm: its float32 path is ~20x slower) or, after compile_decode, a compiled one-row
+    multiply-and-sum. Inference only: quantize_int8 makes these from a loaded model."""
+    one_row = None  # the compiled one_row_matmul, set by compile_decode()
+
+    def __init__(self, linear):
+        super().__init__()
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+        self.register_buffer('weight', (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
+        self.register_buffer('scale', scale.to(torch.bfloat16))
+        self.register_buffer('bias', None if linear.bias is None else linear.bias.detach().float())
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x):
+        if torch.is_grad_enabled():
+            raise RuntimeError("an int8 model is for inference only; train the float model it was quantized from")
+        rows = x.reshape(-1, x.size(-1))
+        if rows.size(0) == 1 and self.one_row is not None:
+            y = self.one_row(rows[0].float(), self.weight) * self.scale.float()
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(rows.to(torch.bfloat16), self.weight, self.scale)
+        y = y.to(x.dtype).view(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+
+def quantize_int8(model):
+    """Quantize a loaded model's Linears to int8 weights (Int8Linear), in place, for CPU inference; returns it.
+    GPT's output layer shares its weight with the token embedding: it gets an int8 copy, and the embedding
+    stays as it was (a lookup reads one row per token). Call it before optimize()."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) in (nn.Linear, CPULinear):  # (not the Embedding: a tied lm_head gets its own int8 copy)
+                setattr(parent, name, Int8Linear(child))
+        if hasattr(parent, 'compute_dtype'):  # attention and its cache in float32, not the weights' int8
+            parent.compute_dtype = torch.float32
+    return model
+
+
+DTYPES = ('float32', 'bfloat16', 'float16', 'int8')  # what sample.py, prune.py and interpret.py take as dtype
+
+
+def cast(model, dtype, device):
+    """The model's weights in dtype, one of DTYPES ('int8': quantize_int8, a CPU path), on device; then, on a
+    CPU, optimize(). Raises ValueError (one line) for an unknown dtype or int8 off the CPU. Returns the model."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
+    if dtype == 'int8' and device != 'cpu':
+        raise ValueError(f"dtype='int8' is a CPU path (fast_cpu.quantize_int8); on {device} use bfloat16 or float16")
+    model.to(device=device, dtype=getattr(torch, 'float32' if dtype == 'int8' else dtype))
+    if dtype == 'int8':
+        quantize_int8(model)
+    return optimize(model) if device == 'cpu' else model
+
+
 def optimize(model, compile=False):
     """Make a loaded model fast for inference on the CPU, in place; returns it. Every nn.Linear becomes a
     CPULinear, and softmax attention computes (and caches keys and values) in float32 under half-precision
@@ -83,7 +157,7 @@ def compile_decode(model):
     compiler): a compiled multiply-and-sum streams the weights at ~43 GB/s where the library kernels reach
     20-30 (bench.py), for 1.3x (float32) to 1.5x (bfloat16) faster decoding. Prefill, batches and training
     are unaffected. Returns False, with a one-line note on stderr, if compiling is not possible here."""
-    linears = [m for m in model.modules() if isinstance(m, CPULinear)]
+    linears = [m for m in model.modules() if isinstance(m, (CPULinear, Int8Linear))]
     # one compiled kernel per weight shape and dtype: raise dynamo's limit of 8 for models with more
     # (the setting is recompile_limit since torch 2.6, cache_size_limit before)
     dynamo_config = torch._dynamo.config
@@ -93,7 +167,7 @@ def compile_decode(model):
     try:  # compile every shape now, so a missing compiler shows here and not in the middle of a sample
         with torch.no_grad():
             for w in {(m.weight.shape, m.weight.dtype): m.weight for m in linears}.values():
-                fn(torch.zeros(w.size(1), dtype=w.dtype), w)
+                fn(torch.zeros(w.size(1), dtype=torch.float32 if w.dtype == torch.int8 else w.dtype), w)
     except Exception as e:  # no C++ compiler, or no inductor for this platform
         print(f"compile_decode: torch.compile is not available here ({type(e).__name__}); decoding runs "
               f"uncompiled", file=sys.stderr)

@@ -45,6 +45,7 @@ sae_html = 'features.html'  # the page of top features (a bare name: in the run'
 out_json: str | None = None  # write the SAE's metrics here (a bare name: in the run's folder)
 seed = 1337
 device = 'auto'  # 'cpu', 'cuda', 'mps'; 'auto' picks cuda > mps > cpu
+dtype = 'float32'  # the weights: 'float32', 'bfloat16', 'float16', or 'int8' (CPU: fast_cpu.quantize_int8)
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 
@@ -61,6 +62,8 @@ attention_png, sae_html, out_json = (p if p is None or os.path.dirname(p) else o
                                      for p in (attention_png, sae_html, out_json))
 try:  # every setting, and that the outputs can be written, before the work
     device = pick_device(device)
+    if dtype not in fast_cpu.DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not one of {', '.join(fast_cpu.DTYPES)}")
     for name, path in (('attention_png', attention_png), ('out_json', out_json), ('sae_html', sae and sae_html)):
         if path:
             check_output(path, name)
@@ -91,8 +94,10 @@ try:
     prompt_ids = tokenizer.encode(prompt)
 except (OSError, ValueError) as e:
     die(e)
-model.eval().to(device)
-fast_cpu.optimize(model)
+try:
+    fast_cpu.cast(model.eval(), dtype, device)
+except ValueError as e:
+    die(e)
 
 # -- attention maps ----------------------------------------------------------------------------------------
 

@@ -348,6 +348,43 @@ def logits_and_loss(logits, targets):
                                                                 targets.reshape(-1), ignore_index=-1)
 
 
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """F.cross_entropy(x @ weight.T, targets, ignore_index=-1) without the (rows, vocab) logits ever existing
+    whole (GPT-2's vocabulary: 411 MB for a 16 x 128 batch, written and read ~8 times by the plain form). Rows
+    go in chunks of ~32 MB of logits, and each chunk's gradient, softmax - onehot(target), is taken while its
+    logits are at hand: backward only scales it. Under autocast the matmuls run in bfloat16, the sums in float32."""
+    rows = 2 ** 23  # logits per chunk
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, grad):
+        gx, gw = (torch.empty_like(x), torch.zeros_like(weight, dtype=torch.float32)) if grad else (None, None)
+        loss, rows = x.new_zeros((), dtype=torch.float32), max(1, ChunkedCrossEntropy.rows // weight.size(0))
+        for i in range(0, x.size(0), rows):
+            z = x[i:i + rows] @ weight.t()  # (bfloat16 under autocast; then so are the gradient's matmuls)
+            logits = z.float()
+            t = targets[i:i + rows]
+            keep, t = t != -1, t.clamp(min=0)
+            top, picked = logits.amax(dim=1, keepdim=True), logits.gather(1, t[:, None])
+            p = logits.sub_(top).exp_()  # softmax's numerators, in place: each pass over the chunk counts
+            total = p.sum(dim=1, keepdim=True)
+            loss += ((total.log() + top - picked)[:, 0] * keep).sum()  # log-sum-exp minus the target's logit
+            if grad:  # d loss / d logits = softmax - onehot(target), on the rows that count
+                p = torch.div(p, total, out=torch.empty_like(p, dtype=z.dtype))
+                p[torch.arange(len(t), device=t.device), t] -= 1
+                p[~keep] = 0
+                gx[i:i + rows] = p @ weight
+                gw += p.t() @ x[i:i + rows]
+        ctx.n = (targets != -1).sum()
+        if grad:
+            ctx.save_for_backward(gx, gw.to(weight.dtype))
+        return loss / ctx.n
+
+    @staticmethod
+    def backward(ctx, g):
+        gx, gw = ctx.saved_tensors
+        return gx * (g / ctx.n), gw * (g / ctx.n), None, None
+
+
 class GPT(nn.Module):
 
     def __init__(self, config):
@@ -398,16 +435,20 @@ class GPT(nn.Module):
         return self.transformer.drop(x), rope
 
     def forward(self, idx, targets=None, start_pos=None):
-        """idx: (B, T) token ids. Returns (logits, loss) as nanoGPT does: with targets, logits for every
-        position and the mean cross-entropy; without, logits for every position; with start_pos (generation
-        with the cache, tokens at positions start_pos...), logits for the last position only."""
+        """idx: (B, T) token ids. Returns (logits, loss): with targets, (None, the mean cross-entropy); without,
+        (logits for every position, None); with start_pos (generation with the cache, tokens at positions
+        start_pos...), the last position's logits only."""
         x, rope = self.embed(idx, start_pos)
         for block in self.transformer.h:
             x = block(x, start_pos, rope)
         x = self.transformer.ln_f(x)
+        if targets is not None:  # the loss alone: training and evaluation never need all the logits at once
+            w = self.lm_head.weight
+            grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
+            return None, ChunkedCrossEntropy.apply(x.flatten(0, 1), w, targets.flatten(), grad)
         if start_pos is not None:
             x = x[:, [-1], :]  # generation needs only the next token: skip the unembedding of the prompt
-        return logits_and_loss(self.lm_head(x), targets)
+        return self.lm_head(x), None
 
     def residual_stream(self, idx):
         """The residual stream entering the first block and leaving each block, n_layer + 1 tensors (B, T, C):

@@ -39,6 +39,7 @@ logit_lens = False  # also report the loss read from the residual stream after e
 out_json: str | None = None  # write every number and sample to this JSON file
 plot: str | None = None  # write a figure to this PNG file (needs matplotlib)
 device = 'auto'  # 'cpu', 'cuda', 'mps', ...; 'auto' picks cuda > mps > cpu
+dtype = 'float32'  # the weights: 'float32', 'bfloat16', 'float16', or 'int8' (CPU: fast_cpu.quantize_int8)
 exec(open(os.path.join(HERE, 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 
@@ -90,6 +91,8 @@ def evaluate(model, tokens, stride, lens=False, name=''):
 try:
     check_sampling_args(temperature, top_k, top_p, max_new_tokens)
     device = pick_device(device)
+    if dtype not in fast_cpu.DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not one of {', '.join(fast_cpu.DTYPES)}")
     start = read_prompt(start)
     for name, path in (('out_json', out_json), ('plot', plot)):
         if path:
@@ -124,8 +127,10 @@ except (OSError, ValueError) as e:
     die(e)
 if not isinstance(model, GPT):
     die(f"prune.py prunes transformer blocks; init_from={init_from!r} is a {type(model).__name__}")
-model.eval().to(device)
-fast_cpu.optimize(model)
+try:
+    fast_cpu.cast(model.eval(), dtype, device)
+except ValueError as e:
+    die(e)
 n_layer = len(model.transformer.h)
 for spec in specs:  # every spec must name blocks of this model
     try:
@@ -165,7 +170,10 @@ for spec in specs:
     out = m.generate(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
     dt = time.time() - t0
     gen = [row[prompt.size(1):] for row in out.tolist()]
-    results.append(dict(spec=spec, layers=list(m.layer_ids), params=sum(p.numel() for p in m.parameters()),
+    # (int8 weights are buffers, fast_cpu.Int8Linear; the output layer's is the token embedding's, counted once)
+    n_params = sum(p.numel() for p in m.parameters()) + sum(
+        b.numel() for n, b in m.named_buffers() if n.endswith(('.weight', '.bias')) and not n.startswith('lm_head.'))
+    results.append(dict(spec=spec, layers=list(m.layer_ids), params=n_params,
                         loss=loss, perplexity=math.exp(loss), tokens_per_s=num_samples * max_new_tokens / dt,
                         samples=[tokenizer.decode(row) for row in out.tolist()],
                         distinct_1=sum(distinct_n(g, 1) for g in gen) / len(gen),

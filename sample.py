@@ -26,7 +26,7 @@ top_p: float | None = None  # nucleus sampling: only the smallest set of tokens 
 active_layers: str | tuple | list | int | None = None  # blocks to run: None, 'even', 'odd', 'first_half', 'last_half', '0,2,4', '0-5'
 seed = 1337  # random seed, so a run can be repeated
 device = 'auto'  # 'cpu', 'cuda', 'cuda:1', 'mps', ...; 'auto' picks cuda > mps > cpu
-dtype = 'auto'  # 'float32', 'bfloat16' or 'float16' weights; 'auto': bfloat16 on a GPU that has it, else float32
+dtype = 'auto'  # 'float32', 'bfloat16', 'float16' or 'int8' (CPU) weights; 'auto': bfloat16 on a GPU that has it, else float32
 compile = False  # torch.compile the decoding step (on CPU: fast_cpu.compile_decode, ~1.3-1.5x faster; needs a C++ compiler)
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())  # command line or config file
 # -----------------------------------------------------------------------------
@@ -49,9 +49,10 @@ if not 0 <= seed < 2**63:
     die(f"seed={seed} must be in [0, 2**63)")
 if dtype == 'auto':
     dtype = 'bfloat16' if device.startswith('cuda') and torch.cuda.is_bf16_supported() else 'float32'
-dtypes = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
-if dtype not in dtypes:
-    die(f"dtype={dtype!r} is not one of {', '.join(dtypes)}, auto")
+if dtype not in fast_cpu.DTYPES:
+    die(f"dtype={dtype!r} is not one of {', '.join(fast_cpu.DTYPES)}, auto")
+if dtype == 'int8' and device != 'cpu':
+    die(f"dtype='int8' is a CPU path (fast_cpu.quantize_int8); on {device} use bfloat16 or float16")
 
 torch.manual_seed(seed)
 try:
@@ -59,11 +60,9 @@ try:
     start_ids = tokenizer.encode(start)
 except (OSError, ValueError) as e:
     die(e)
-model.eval()
-model.to(device=device, dtype=dtypes[dtype])
-if device == 'cpu':
-    # compile=True on a CPU compiles GPT's one-row matmuls of decoding only (prefill keeps the library kernels)
-    fast_cpu.optimize(model, compile=compile and isinstance(model, GPT))
+fast_cpu.cast(model.eval(), dtype, device)  # (int8: weights per output channel, float32 activations)
+if device == 'cpu' and compile and isinstance(model, GPT):
+    fast_cpu.compile_decode(model)  # a CPU compiles GPT's one-row matmuls of decoding only (prefill: library kernels)
 if compile and not (device == 'cpu' and isinstance(model, GPT)):
     model.compile()
 

@@ -79,7 +79,7 @@ prompt = 'Once upon a'  # the prompt of those samples
 sample_tokens = 30  # tokens per sample
 # system
 device = 'auto'  # 'cpu', 'cuda', 'cuda:1', 'mps'; 'auto' picks cuda > mps > cpu
-dtype = 'auto'  # 'float32', 'bfloat16' or 'float16' (autocast on GPU); 'auto': bfloat16 on a GPU that has it, else float32
+dtype = 'auto'  # 'float32', 'bfloat16' or 'float16' (GPU) autocast; 'auto': bfloat16 where the GPU or CPU runs it natively
 compile = False  # torch.compile the model (PyTorch 2; on CPU it needs a C++ compiler)
 seed = 1337  # every iteration's randomness follows from (seed, iteration): a resumed run repeats an uninterrupted one
 _config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple, list, type(None)))]
@@ -160,11 +160,21 @@ else:
 master = rank == 0
 device_type = 'cuda' if device.startswith('cuda') else 'mps' if device == 'mps' else 'cpu'
 if dtype == 'auto':
-    dtype = 'bfloat16' if device_type == 'cuda' and torch.cuda.is_bf16_supported() else 'float32'
+    native = torch.cuda.is_bf16_supported() if device_type == 'cuda' else \
+        device_type == 'cpu' and model_type in ('transformer', 'gpt2') and fast_cpu.bfloat16_matmul_is_faster()
+    if ddp and device_type == 'cpu':  # a timing: every process must train alike, so bfloat16 only if all agree
+        flag = torch.tensor(int(native))
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        native = bool(flag)
+    dtype = 'bfloat16' if native else 'float32'
 ptdtypes = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 if dtype not in ptdtypes:
     die(f"dtype={dtype!r} is not one of {', '.join(ptdtypes)}, auto")
-ctx = nullcontext() if dtype == 'float32' or device_type != 'cuda' else torch.autocast(device_type, ptdtypes[dtype])
+if device_type == 'cpu' and dtype == 'float16':
+    die("dtype='float16' trains on a GPU only (CPUs have no fast float16 matmul); on CPU use bfloat16 or float32")
+# mixed precision: matmuls in half precision, weights, norms, softmax and the optimizer in float32. On a CPU with
+# bfloat16 instructions (AVX512-BF16, AMX) the matmuls run 2x faster (bench.py --bench=train, README)
+ctx = nullcontext() if dtype == 'float32' or device_type == 'mps' else torch.autocast(device_type, ptdtypes[dtype])
 if device_type == 'cuda':
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -288,9 +298,12 @@ n_params = sum(p.numel() for p in model.parameters())
 
 # AdamW (Loshchilov & Hutter 2019); weight decay on matrices and embeddings, not on biases and norm gains
 params = [p for p in model.parameters() if p.requires_grad]
-optimizer = torch.optim.AdamW([{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
-                               {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}],
-                              lr=learning_rate, betas=(beta1, beta2), **({'fused': True} if device_type == 'cuda' else {}))
+groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+          {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
+try:  # fused: one kernel over all the parameters, not a dozen per tensor (on CPU 8x faster, since torch 2.4)
+    optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2), fused=device_type in ('cuda', 'cpu'))
+except RuntimeError:
+    optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2))
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16' and device_type == 'cuda')
 iter_num, best_val_loss, tokens_seen, time_offset = 0, float('inf'), 0, 0.0
 loss_sum, iters_since_log = 0.0, 0  # the training losses since the last log line
@@ -424,7 +437,7 @@ if master:
             w.writerows({k: r.get(k, '') for k in columns} for r in rows)
     print(f"{model_type}: {n_params / 1e6:.2f}M parameters, vocabulary: {tokenizer.describe()}; data {', '.join(sources)}; "
           f"{batch_size * block_size * gradient_accumulation_steps * world_size} tokens per iteration"
-          f"{f' on {world_size} processes' if ddp else ''}; device {device}, {dtype}")
+          f"{f' on {world_size} processes' if ddp else ''}; device {device}, {dtype}{' autocast' * (dtype != 'float32')}")
 
 # Ctrl-C, and SIGTERM (a timeout, docker stop, a cluster's preemption, torchrun passing on Ctrl-C): finish the
 # iteration under way, save, and exit; a checkpoint written mid-step would be torn

@@ -83,6 +83,7 @@ CASES = [
     ('train.py', ['--dataset={root}/data', '--dropout=1.5'], ['dropout=1.5 is out of range']),
     ('train.py', ['--dataset={root}/data', '--beta2=1'], ['beta2=1.0 must be in [0, 1)']),
     ('train.py', ['--dataset={root}/data', '--warmup_iters=-1'], ['warmup_iters=-1 must be >= 0']),
+    ('train.py', ['--dataset={root}/data', '--device=cpu', '--dtype=float16'], ["dtype='float16' trains on a GPU only"]),
     ('train.py', ['--dataset={root}/data', '--n_layer=1000000000'], ['need about', 'make it smaller']),
     ('train.py', ['--dataset={root}/empty_data', '--block_size=8'], ['is longer than the train split']),
     ('train.py', ['--dataset={root}/data', '--device=tpu'], ["device='tpu'"]),

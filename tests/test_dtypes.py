@@ -100,3 +100,57 @@ def test_compile_decode_falls_back_without_a_compiler(hf_tiny, monkeypatch, caps
     assert fast_cpu.compile_decode(model) is False
     assert 'torch.compile is not available here (RuntimeError); decoding runs uncompiled' in capsys.readouterr().err
     assert torch.equal(model.generate(idx, 10, temperature=0), ref)
+
+
+# -- int8 weights (fast_cpu.quantize_int8) ------------------------------------------------------------------------
+
+@pytest.mark.parametrize('rows', [1, 7])
+def test_int8_linear_is_the_dequantized_matmul(rows):
+    """Int8Linear computes x @ (q * scale)^T + b, q the per-output-channel int8 weight (symmetric, |q| <= 127)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 40)
+    q = fast_cpu.Int8Linear(lin)
+    assert q.weight.dtype == torch.int8 and q.weight.abs().max() == 127
+    scale = lin.weight.detach().abs().amax(1) / 127
+    assert torch.equal(q.weight, (lin.weight.detach() / scale[:, None]).round().to(torch.int8))
+    x = torch.randn(1, rows, 96)
+    with torch.no_grad():
+        out = q(x)
+    ref = F.linear(x.double(), q.weight.double() * q.scale.double()[:, None], lin.bias.double())
+    assert out.dtype == torch.float32 and out.shape == (1, rows, 40)
+    assert rel_err(out, ref) < 1e-2  # activations meet the weights in bfloat16
+    assert rel_err(out, lin(x)) < 2e-2  # and the float layer's answer, within int8's rounding
+    with pytest.raises(RuntimeError, match='inference only'):
+        q(x)  # gradients on: training an int8 model is refused
+
+
+def test_int8_logits_close_to_float32_and_every_loader_works(hf_plain, tmp_path):
+    folder, _ = hf_plain
+    full = fast_cpu.optimize(GPT.from_pretrained(folder).eval())
+    int8 = fast_cpu.optimize(fast_cpu.quantize_int8(GPT.from_pretrained(folder).eval()))
+    assert int8.lm_head.weight.dtype == torch.int8 and int8.transformer.wte.weight.dtype == torch.float32
+    idx = torch.randint(0, 50257, (3, 24))
+    with torch.no_grad():
+        assert rel_err(int8(idx)[0][:, -1], full(idx)[0][:, -1]) < 0.03
+        pruned = fast_cpu.quantize_int8(GPT.from_pretrained(folder, active_layers='even').eval())
+        ref_even = GPT.from_pretrained(folder, active_layers='even').eval()(idx)[0]
+        assert pruned.layer_ids == [0, 2] and rel_err(pruned(idx)[0], ref_even) < 0.03
+    model = GPT.from_pretrained(folder)
+    torch.save({'model': model.state_dict(), 'model_args': vars(model.config), 'model_type': 'gpt'}, tmp_path / 'ckpt.pt')
+    loaded, _, _ = load_model('resume', str(tmp_path))
+    loaded = fast_cpu.optimize(fast_cpu.quantize_int8(loaded.eval()))
+    with torch.no_grad():
+        assert rel_err(loaded(idx)[0][:, -1], full(idx)[0][:, -1]) < 0.03
+
+
+def test_int8_kv_cache_greedy_equals_recompute_and_compiled(hf_tiny):
+    folder, _ = hf_tiny
+    model = fast_cpu.optimize(fast_cpu.quantize_int8(GPT.from_pretrained(folder).eval()))
+    idx = torch.randint(0, 50257, (2, 5))
+    out = model.generate(idx, 40, temperature=0)  # past block_size (32) too
+    with torch.no_grad():
+        assert torch.equal(out, greedy_reference(model, idx, 40))
+    one = model.generate(idx[:1], 30, temperature=0)
+    assert fast_cpu.compile_decode(model), "torch.compile failed: is a C++ compiler installed?"
+    assert all(m.one_row is not None for m in model.modules() if isinstance(m, fast_cpu.Int8Linear))
+    assert torch.equal(model.generate(idx[:1], 30, temperature=0), one)

@@ -83,3 +83,15 @@ def test_interpret_errors(hf_tiny, stories, tmp_path):
                                      f'--sae_data={stories}'), "not a KGramMLPSeqModel")
     assert_one_line_error(run_script('interpret.py', f'--init_from={folder}', f'--attention_png={tmp_path}/a.png',
                                      env=block_matplotlib(tmp_path)), 'attention maps need matplotlib')
+
+
+def test_attention_maps_and_sae_with_int8_weights(hf_tiny, stories, tmp_path):
+    folder, _ = hf_tiny
+    report = tmp_path / 'sae.json'
+    proc = run_script('interpret.py', f'--init_from={folder}', '--dtype=int8', '--device=cpu', '--sae=True',
+                      f'--attention_png={tmp_path / "a.png"}', f'--sae_data={stories}', '--sae_tokens=2000',
+                      '--sae_eval_tokens=500', '--sae_features=64', '--sae_epochs=2', f'--out_json={report}',
+                      f'--sae_html={tmp_path / "f.html"}')
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / 'a.png').read_bytes()[:4] == b'\x89PNG'
+    assert json.loads(report.read_text())['loss'] > 0

@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import greedy_reference
 
 from model import GPT, GPTConfig, load_safetensors, parse_active_layers
@@ -214,3 +215,28 @@ print('ok')
     proc = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                           env={k: v for k, v in os.environ.items() if k != 'PYTHONPATH'})
     assert proc.returncode == 0 and proc.stdout.strip() == 'ok', proc.stderr
+
+
+@pytest.mark.parametrize('vocab', [50257, 97])
+def test_chunked_loss_equals_cross_entropy_on_full_logits(vocab):
+    """GPT's loss (ChunkedCrossEntropy: several chunks of rows for GPT-2's vocabulary, one for 97) equals
+    F.cross_entropy on the whole logits, in value and in every parameter's gradient, ignored targets included."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=vocab, n_layer=2, n_head=2, n_embd=32, dropout=0.0))
+    idx, targets = torch.randint(0, vocab, (3, 32)), torch.randint(0, vocab, (3, 32))
+    targets[0, :5] = -1
+    logits, _ = model(idx)
+    plain = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+    plain.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    none, loss = model(idx, targets)
+    loss.backward()
+    assert none is None and (96 > 2 ** 21 // vocab or vocab == 97)  # several chunks, or one
+    assert torch.allclose(loss, plain, rtol=1e-5, atol=0)
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, want[n], rtol=1e-5, atol=1e-5 * want[n].abs().max().item()), n
+    with torch.no_grad():  # evaluation: the same value, and no gradient work kept
+        assert torch.allclose(model(idx, targets)[1], plain, rtol=1e-5, atol=0)
+    with torch.autocast('cpu', torch.bfloat16):  # train.py's mixed precision: close, not equal
+        assert torch.allclose(model(idx, targets)[1], plain, rtol=1e-2, atol=0)

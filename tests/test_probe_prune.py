@@ -190,3 +190,25 @@ def test_prune_errors(hf_tiny, tmp_path):
                           'eval_stride=32 must be in [1, block_size) = [1, 32)')
     assert_one_line_error(run_script('prune.py', f'--init_from={folder}', f'--plot={tmp_path}/p.png',
                                      env=block_matplotlib(tmp_path)), 'plot needs matplotlib')
+
+
+def test_prune_and_sample_with_int8_weights(hf_tiny, tmp_path):
+    """--dtype=int8 (fast_cpu.quantize_int8) in prune.py and sample.py: the same parameter count, a loss within
+    int8's rounding of float32's, and samples."""
+    folder, _ = hf_tiny
+    text = tmp_path / 'eval.txt'
+    text.write_text(TEXT)
+    res = {}
+    for dtype in ('float32', 'int8'):
+        out = tmp_path / f'{dtype}.json'
+        proc = run_script('prune.py', f'--init_from={folder}', '--configs=all;even', f'--eval_text={text}',
+                          '--max_new_tokens=8', '--num_samples=2', f'--out_json={out}', f'--dtype={dtype}', '--device=cpu')
+        assert proc.returncode == 0, proc.stderr
+        res[dtype] = json.loads(out.read_text())['configs']
+    for f, q in zip(res['float32'], res['int8']):
+        assert q['params'] == f['params'] and q['layers'] == f['layers']
+        assert q['loss'] == pytest.approx(f['loss'], rel=0.02)
+    proc = run_script('sample.py', f'--init_from={folder}', '--dtype=int8', '--start=The cat', '--num_samples=2',
+                      '--max_new_tokens=5', '--device=cpu')
+    assert proc.returncode == 0 and proc.stdout.startswith('The cat'), proc.stderr
+    assert_one_line_error(run_script('prune.py', f'--init_from={folder}', '--dtype=int4'), "dtype='int4' is not one of")
