@@ -541,4 +541,5 @@ while True:
         t_last, iters_since_log, loss_sum = time.time(), 0, 0.0
 
 if ddp:
+    torch.distributed.barrier()  # leave together: a process that tears down gloo while another still talks aborts
     destroy_process_group()
