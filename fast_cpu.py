@@ -28,6 +28,19 @@ def _onednn_linear_works(dtype):
 ONEDNN_DTYPES = {dt for dt in (torch.float32, torch.bfloat16) if _onednn_linear_works(dt)}
 
 
+def _int8pack_works():
+    """True if PyTorch has its CPU int8-weight matmul (_weight_int8pack_mm, torch >= 2.3 on x86 and ARM)."""
+    try:
+        torch.ops.aten._weight_int8pack_mm(torch.ones(1, 32, dtype=torch.bfloat16), torch.ones(8, 32, dtype=torch.int8),
+                                           torch.ones(8, dtype=torch.bfloat16))
+        return True
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+INT8PACK = _int8pack_works()
+
+
 def bfloat16_matmul_is_faster():
     """True if this CPU multiplies bfloat16 matrices at least 1.5x faster than float32, measured on the shape of
     a training loss's output layer (256 rows x 128 -> 8,192). CPUs with AVX512-BF16 or AMX do (oneDNN, ~2.5x on
@@ -98,8 +111,10 @@ class Int8Linear(nn.Module):
         rows = x.reshape(-1, x.size(-1))
         if rows.size(0) == 1 and self.one_row is not None:
             y = self.one_row(rows[0].float(), self.weight) * self.scale.float()
-        else:
+        elif INT8PACK:
             y = torch.ops.aten._weight_int8pack_mm(rows.to(torch.bfloat16), self.weight, self.scale)
+        else:  # (correct but slow: the whole weight dequantized at every call)
+            y = F.linear(rows, self.weight.to(rows.dtype) * self.scale.to(rows.dtype)[:, None])
         y = y.to(x.dtype).view(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
 

@@ -249,8 +249,8 @@ if __name__ == '__main__':
         axes[0].legend(fontsize=9)
         fig.suptitle(f"{init_from if init_from != 'resume' else out_dir}: {num_samples} samples x {max_new_tokens} "
                      f"tokens per setting, prompt {read_prompt(start)!r}", fontsize=10)
-        result = dict(study='top_p', model=init_from if init_from != 'resume' else out_dir, val_loss=val_loss, start=start,
-                      num_samples=num_samples, max_new_tokens=max_new_tokens, seed=seed, rows=rows)
+        result = dict(study='top_p', model=init_from if init_from != 'resume' else out_dir, val_loss=val_loss,
+                      start=start, num_samples=num_samples, max_new_tokens=max_new_tokens, seed=seed, rows=rows)
 
     elif study == 'overfitting':
         # -- overfitting: the same model and iterations on less and less data ---------------------------------
@@ -290,7 +290,8 @@ if __name__ == '__main__':
         for ax in axes:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=9)
-        fig.suptitle(f"overfitting: {' '.join([os.path.basename(base), overrides]).strip()}, {rows[0]['iters']} iterations "
+        what = ' '.join([os.path.basename(base), overrides]).strip()
+        fig.suptitle(f"overfitting: {what}, {rows[0]['iters']} iterations "
                      f"({rows[0]['tokens_seen']:,} tokens seen) on each training-set size", fontsize=10)
         result = dict(study='overfitting', base=base, overrides=overrides, start=start, temperature=temperature,
                       top_p=top_p, num_samples=num_samples, max_new_tokens=max_new_tokens, seed=seed, rows=rows)

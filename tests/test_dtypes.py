@@ -154,3 +154,17 @@ def test_int8_kv_cache_greedy_equals_recompute_and_compiled(hf_tiny):
     assert fast_cpu.compile_decode(model), "torch.compile failed: is a C++ compiler installed?"
     assert all(m.one_row is not None for m in model.modules() if isinstance(m, fast_cpu.Int8Linear))
     assert torch.equal(model.generate(idx[:1], 30, temperature=0), one)
+
+
+def test_int8_without_pytorchs_int8_kernel_dequantizes(monkeypatch):
+    """On a PyTorch without _weight_int8pack_mm, Int8Linear falls back to dequantize-and-multiply."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 24)
+    q = fast_cpu.Int8Linear(lin)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        fast = q(x)
+        monkeypatch.setattr(fast_cpu, 'INT8PACK', False)
+        slow = q(x)
+    assert rel_err(slow, F.linear(x, q.weight.float() * q.scale.float()[:, None], lin.bias)) < 1e-3
+    assert rel_err(slow, fast) < 1e-2
