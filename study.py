@@ -282,9 +282,9 @@ if __name__ == '__main__':
         for key, label in (('copied_8gram', "sample 8-grams found in the training set"),
                            ('distinct_2', 'distinct-2'), ('repeat_4gram', 'tokens in a repeated 4-gram')):
             axes[1].plot(gaps, [r[key] for r in rows], 'o-', label=label)
-        for i, r in enumerate(rows):  # each point named by its size, labels alternating above and below
+        for i, r in enumerate(rows):  # each point named by its size, above it, neighbours at two heights
             axes[1].annotate(f"{r['train_tokens']:,} tokens", (r['gap'], r['copied_8gram']), fontsize=8,
-                             textcoords='offset points', xytext=(4, 8 if i % 2 else -14))
+                             textcoords='offset points', xytext=(-10, 8 + 12 * (i % 2)))
         axes[1].set(xlabel='train/val gap (nats)', ylim=(0, 1.05),
                     title=f'samples (temperature {temperature:g}, top-p {top_p:g}) against the gap')
         for ax in axes:
