@@ -100,14 +100,12 @@ if bench == 'decode':
     else:
         folder = weights
         hf = GPT2LMHeadModel.from_pretrained(folder).eval()
-    dtypes = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16, 'int8': torch.float32}
 
     def our_engine(spec):
         """'float16' or 'bfloat16+compile': our GPT in that dtype, as sample.py runs it on a CPU
         (fast_cpu.optimize, with compile_decode when asked)."""
         name, _, extra = spec.partition('+')
-        model = GPT.from_pretrained(folder).eval().to(dtypes[name])
-        model = fast_cpu.optimize(fast_cpu.quantize_int8(model) if name == 'int8' else model)
+        model = fast_cpu.cast(GPT.from_pretrained(folder).eval(), name, 'cpu')
         if extra == 'compile' and not fast_cpu.compile_decode(model):
             return None
 
@@ -222,7 +220,7 @@ if bench == 'decode':
             if median.get(ours) and median.get(theirs):
                 print(f"{ours} / {theirs}: " + ", ".join(f"{n} tokens {median[ours][f'b1-{n}'] / median[theirs][f'b1-{n}']:.2f}x"
                                                          for n in new_tokens if f'b1-{n}' in median[theirs]))
-        engines = {spec: our_engine(spec) for spec in specs if spec.partition('+')[0] in dtypes}
+        engines = {spec: our_engine(spec) for spec in specs if spec.partition('+')[0] in fast_cpu.DTYPES}
         engines = {k: v for k, v in engines.items() if v is not None}
     else:
         engines, load_and_unload = {}, {}
@@ -234,7 +232,7 @@ if bench == 'decode':
                     engines[spec] = ct2_engine(spec.removeprefix('ctranslate2-'))
                 except ImportError:
                     print(f"skipping {spec}: ctranslate2 is not installed (pip install ctranslate2)")
-            elif spec.partition('+')[0] in dtypes:
+            elif spec.partition('+')[0] in fast_cpu.DTYPES:
                 engine = our_engine(spec)
                 if engine is not None:
                     engines[spec] = engine

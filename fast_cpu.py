@@ -135,13 +135,19 @@ def quantize_int8(model):
 DTYPES = ('float32', 'bfloat16', 'float16', 'int8')  # what sample.py, prune.py and interpret.py take as dtype
 
 
-def cast(model, dtype, device):
-    """The model's weights in dtype, one of DTYPES ('int8': quantize_int8, a CPU path), on device; then, on a
-    CPU, optimize(). Raises ValueError (one line) for an unknown dtype or int8 off the CPU. Returns the model."""
+def check_dtype(dtype, device):
+    """Raise ValueError (one line) for a dtype not in DTYPES, or int8 off the CPU. Scripts call it before loading
+    anything, so that a typo costs no download."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
     if dtype == 'int8' and device != 'cpu':
         raise ValueError(f"dtype='int8' is a CPU path (fast_cpu.quantize_int8); on {device} use bfloat16 or float16")
+
+
+def cast(model, dtype, device):
+    """The model's weights in dtype, one of DTYPES ('int8': quantize_int8, a CPU path), on device; then, on a
+    CPU, optimize(). Raises ValueError as check_dtype does. Returns the model."""
+    check_dtype(dtype, device)
     model.to(device=device, dtype=getattr(torch, 'float32' if dtype == 'int8' else dtype))
     if dtype == 'int8':
         quantize_int8(model)

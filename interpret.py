@@ -62,8 +62,7 @@ attention_png, sae_html, out_json = (p if p is None or os.path.dirname(p) else o
                                      for p in (attention_png, sae_html, out_json))
 try:  # every setting, and that the outputs can be written, before the work
     device = pick_device(device)
-    if dtype not in fast_cpu.DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not one of {', '.join(fast_cpu.DTYPES)}")
+    fast_cpu.check_dtype(dtype, device)
     for name, path in (('attention_png', attention_png), ('out_json', out_json), ('sae_html', sae and sae_html)):
         if path:
             check_output(path, name)

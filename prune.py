@@ -91,8 +91,7 @@ def evaluate(model, tokens, stride, lens=False, name=''):
 try:
     check_sampling_args(temperature, top_k, top_p, max_new_tokens)
     device = pick_device(device)
-    if dtype not in fast_cpu.DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not one of {', '.join(fast_cpu.DTYPES)}")
+    fast_cpu.check_dtype(dtype, device)
     start = read_prompt(start)
     for name, path in (('out_json', out_json), ('plot', plot)):
         if path:

@@ -49,10 +49,10 @@ if not 0 <= seed < 2**63:
     die(f"seed={seed} must be in [0, 2**63)")
 if dtype == 'auto':
     dtype = 'bfloat16' if device.startswith('cuda') and torch.cuda.is_bf16_supported() else 'float32'
-if dtype not in fast_cpu.DTYPES:
-    die(f"dtype={dtype!r} is not one of {', '.join(fast_cpu.DTYPES)}, auto")
-if dtype == 'int8' and device != 'cpu':
-    die(f"dtype='int8' is a CPU path (fast_cpu.quantize_int8); on {device} use bfloat16 or float16")
+try:
+    fast_cpu.check_dtype(dtype, device)
+except ValueError as e:
+    die(e if dtype in fast_cpu.DTYPES else f"{e}, or auto")
 
 torch.manual_seed(seed)
 try:

@@ -117,7 +117,7 @@ def as_tuple(v):
 
 if __name__ == '__main__':
     exec(open(os.path.join(HERE, 'configurator.py')).read())
-    from load import check_output, find_data_folder, load_model, pick_device, read_data_folder, read_prompt
+    from load import check_output, load_model, pick_device, read_data_folder, read_prompt
     from model import check_sampling_args
 
     def die(msg):
@@ -171,14 +171,13 @@ if __name__ == '__main__':
                     train_loss=float(last['train_loss']), val_loss=float(last['val_loss']))
 
     def training_keys(ckpt, tokenizer):
-        """The sorted 8-gram keys of what a run trained on (its sources' first train_tokens, in model ids)."""
-        cfg = ckpt['config']
-        files = cfg['input_files'].split(',') if isinstance(cfg['input_files'], str) else list(cfg['input_files'])
-        sources = ([cfg['dataset']] if cfg['dataset'] and not (files and cfg['tinystories_weight'] == 0) else []) + files
+        """The sorted 8-gram keys of what a run trained on (the first train_tokens of each data folder train.py
+        read, as the checkpoint records them, in model ids)."""
         keys = []
-        for src in sources:
-            vocab, splits = read_data_folder(find_data_folder(src.strip()), check=False)
-            ids = tokenizer.table(vocab)[torch.from_numpy(splits['train'][:cfg.get('train_tokens')].astype(np.int64))]
+        for folder in ckpt['data']:
+            vocab, splits = read_data_folder(folder, check=False)
+            n = ckpt['config']['train_tokens']
+            ids = tokenizer.table(vocab)[torch.from_numpy(splits['train'][:n].astype(np.int64))]
             keys.append(ngram_keys(ids.numpy(), 8))
         return np.unique(np.concatenate(keys))
 

@@ -374,7 +374,8 @@ def checkpoint_now():
     try:
         save_checkpoint(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), model_type=model_type,
                              model_args=model_args, iter_num=iter_num, best_val_loss=best_val_loss, config=config,
-                             tokenizer=tokenizer.spec(), tokens_seen=tokens_seen, time_s=elapsed(),
+                             tokenizer=tokenizer.spec(), data=[os.path.abspath(s) for s in sources],
+                             tokens_seen=tokens_seen, time_s=elapsed(),
                              log_state=[float(loss_sum), iters_since_log]),  # the mean loss of the next log line
                         ckpt_path)
     except (OSError, ValueError) as e:
