@@ -127,7 +127,7 @@ if bench == 'decode':
     def ct2_engine(compute_type):
         """CTranslate2 (bench-only): its converter wants GPT-2's tokenizer files beside the model, which
         data/ ships (load.GPT2_BPE_FILES names them)."""
-        import ctranslate2
+        import ctranslate2  # (optional, bench-only: pip install ctranslate2; its absence skips the engine)
         out = os.path.join(folder, f'ct2-{compute_type}')
         if not os.path.exists(out):
             ctranslate2.converters.TransformersConverter(folder).convert(out, quantization=compute_type)

@@ -133,7 +133,7 @@ def hub_download(repo, filename, folder):
 
 def _download(repo, filename, path):
     import requests  # only downloads need it
-    import urllib3
+    import urllib3  # (installed with requests, which is built on it: its errors arrive unwrapped mid-body)
     endpoint = os.environ.get('HF_ENDPOINT', HF_ENDPOINT).rstrip('/')
     url = f"{endpoint}/{repo}/resolve/main/{filename}"
     headers = {'Authorization': f"Bearer {os.environ['HF_TOKEN']}"} if os.environ.get('HF_TOKEN') else {}
