@@ -321,7 +321,11 @@ elif bench == 'train':
         return model, lambda x, y: (None, F.cross_entropy(model(x)[0].flatten(0, 1), y.flatten()))
 
     def autocast(model):
-        """model's step as train.py takes it with dtype='bfloat16', what 'auto' picks on a CPU with bfloat16 instructions."""
+        """model's step as train.py takes it with dtype='bfloat16', what 'auto' picks on a CPU with bfloat16 instructions
+        (our models' attention in float32, as train.py has it)."""
+        if isinstance(model, GPT):
+            fast_cpu.attention_in_float32(model)
+
         def step(x, y):
             with torch.autocast('cpu', torch.bfloat16):
                 return model(x, y)

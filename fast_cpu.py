@@ -127,9 +127,7 @@ def quantize_int8(model):
         for name, child in list(parent.named_children()):
             if type(child) in (nn.Linear, CPULinear):  # (not the Embedding: a tied lm_head gets its own int8 copy)
                 setattr(parent, name, Int8Linear(child))
-        if hasattr(parent, 'compute_dtype'):  # attention and its cache in float32, not the weights' int8
-            parent.compute_dtype = torch.float32
-    return model
+    return attention_in_float32(model)  # attention and its cache in float32, not the weights' int8
 
 
 DTYPES = ('float32', 'bfloat16', 'float16', 'int8')  # what sample.py, prune.py and interpret.py take as dtype
@@ -166,10 +164,23 @@ def optimize(model, compile=False):
     for m in model.modules():
         if type(m) is nn.Linear:
             m.__class__ = CPULinear
-        if hasattr(m, 'compute_dtype') and p.dtype in (torch.float16, torch.bfloat16):
-            m.compute_dtype = torch.float32
+    if p.dtype in (torch.float16, torch.bfloat16):
+        attention_in_float32(model)
     if compile:
         compile_decode(model)
+    return model
+
+
+def attention_in_float32(model):
+    """Make softmax attention compute (and cache keys and values) in float32, whatever the weights' dtype and
+    even under autocast; in place, returns the model. On CPUs PyTorch's half-precision attention is slow:
+    8-13x in decoding (optimize() calls this), and in training under bfloat16 autocast its flash-attention
+    backward is 1.9-2.5x float32's time for small heads and short contexts (4 heads x 32 over 64-128
+    positions: nanoGPT's CPU example, pico_tiny; 2-core AMD EPYC, torch 2.13), so train.py calls this there.
+    (At GPT-2's 12 heads x 64 over 1024 positions bfloat16 is 0.8x float32's time: a few % of that step.)"""
+    for m in model.modules():
+        if hasattr(m, 'compute_dtype'):
+            m.compute_dtype = torch.float32
     return model
 
 

@@ -14,6 +14,7 @@ import pickle
 import re
 import warnings
 import zipfile
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
 import torch
@@ -84,9 +85,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # in float32 even when x is half precision: squares of large activations overflow float16
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        # mean(x^2) = |x|^2 / dim: vector_norm is one fused pass (x.pow(2).mean() is two, and backward doubles
+        # that); float32 even when x is half precision, as squares of large activations overflow float16
+        ms = torch.linalg.vector_norm(x.float(), dim=-1, keepdim=True).pow(2) / x.size(-1)
+        return (x * torch.rsqrt(ms + self.eps)).type_as(x) * self.weight
 
 
 def make_norm(config):
@@ -157,8 +159,10 @@ class CausalSelfAttention(nn.Module):
             self.cache[1, :, :, start_pos:start_pos + T] = v
             k, v = self.cache[0, :, :, :start_pos + T], self.cache[1, :, :, :start_pos + T]
         # a single new token may see every cached position, so it needs no mask
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                           is_causal=T > 1)
+        # a compute_dtype holds under autocast too, which would otherwise cast q, k, v back to half precision
+        with torch.autocast(x.device.type, enabled=False) if self.compute_dtype is not None else nullcontext():
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                               is_causal=T > 1)
         y = y.to(x.dtype).transpose(1, 2).reshape(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -352,28 +356,31 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     """F.cross_entropy(x @ weight.T, targets, ignore_index=-1) without the (rows, vocab) logits ever existing
     whole (GPT-2's vocabulary: 411 MB for a 16 x 128 batch, written and read ~8 times by the plain form). Rows
     go in chunks of ~32 MB of logits, and each chunk's gradient, softmax - onehot(target), is taken while its
-    logits are at hand: backward only scales it. Under autocast the matmuls run in bfloat16, the sums in float32."""
+    logits are at hand: backward only scales it. Under autocast the matmuls run in bfloat16 (weight cast once,
+    not per matmul), softmax's sums in float32."""
     rows = 2 ** 23  # logits per chunk
 
     @staticmethod
     def forward(ctx, x, weight, targets, grad):
+        dev = x.device.type
+        w = weight.to(torch.get_autocast_dtype(dev)) if torch.is_autocast_enabled(dev) else weight
+        xw = x.to(w.dtype)
         gx, gw = (torch.empty_like(x), torch.zeros_like(weight, dtype=torch.float32)) if grad else (None, None)
         loss, rows = x.new_zeros((), dtype=torch.float32), max(1, ChunkedCrossEntropy.rows // weight.size(0))
         for i in range(0, x.size(0), rows):
-            z = x[i:i + rows] @ weight.t()  # (bfloat16 under autocast; then so are the gradient's matmuls)
-            logits = z.float()
+            z = xw[i:i + rows] @ w.t()
             t = targets[i:i + rows]
             keep, t = t != -1, t.clamp(min=0)
-            top, picked = logits.amax(dim=1, keepdim=True), logits.gather(1, t[:, None])
-            p = logits.sub_(top).exp_()  # softmax's numerators, in place: each pass over the chunk counts
-            total = p.sum(dim=1, keepdim=True)
-            loss += ((total.log() + top - picked)[:, 0] * keep).sum()  # log-sum-exp minus the target's logit
+            p = torch.softmax(z, dim=1)  # one fused pass per row while it is in cache
+            # log-sum-exp = max z + log sum exp(z - max z) = max z - log max p, as max p = 1 / sum exp(z - max z):
+            # never underflows, unlike log p[target]
+            lse = z.amax(dim=1).float() - p.amax(dim=1).float().log()
+            loss += ((lse - z.gather(1, t[:, None])[:, 0].float()) * keep).sum()
             if grad:  # d loss / d logits = softmax - onehot(target), on the rows that count
-                p = torch.div(p, total, out=torch.empty_like(p, dtype=z.dtype))
                 p[torch.arange(len(t), device=t.device), t] -= 1
-                p[~keep] = 0
-                gx[i:i + rows] = p @ weight
-                gw += p.t() @ x[i:i + rows]
+                p[torch.where(~keep)[0]] = 0
+                gx[i:i + rows] = p @ w
+                gw += p.t() @ xw[i:i + rows]
         ctx.n = (targets != -1).sum()
         if grad:
             ctx.save_for_backward(gx, gw.to(weight.dtype))

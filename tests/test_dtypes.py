@@ -168,3 +168,29 @@ def test_int8_without_pytorchs_int8_kernel_dequantizes(monkeypatch):
         slow = q(x)
     assert rel_err(slow, F.linear(x, q.weight.float() * q.scale.float()[:, None], lin.bias)) < 1e-3
     assert rel_err(slow, fast) < 1e-2
+
+
+def test_attention_in_float32_holds_under_bfloat16_autocast(monkeypatch):
+    """train.py's CPU bfloat16 training: attention_in_float32 makes every attention product float32 although
+    autocast would cast it to bfloat16, and the loss and gradients stay those of the bfloat16 run, closely."""
+    from model import GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=16, bias=False))
+    x, y = torch.randint(0, 50, (2, 16)), torch.randint(0, 50, (2, 16))
+    sdpa, seen = F.scaled_dot_product_attention, []
+    monkeypatch.setattr(F, 'scaled_dot_product_attention', lambda *a, **k: seen.append(sdpa(*a, **k)) or seen[-1])
+
+    def loss_and_grads():
+        seen.clear()
+        with torch.autocast('cpu', torch.bfloat16):
+            loss = model(x, y)[1]
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        return loss, grads, [t.dtype for t in seen]
+    loss, grads, dtypes = loss_and_grads()
+    assert dtypes == [torch.bfloat16] * 2
+    fast_cpu.attention_in_float32(model)
+    loss32, grads32, dtypes = loss_and_grads()
+    assert dtypes == [torch.float32] * 2
+    assert torch.allclose(loss32, loss, rtol=1e-2)
+    for g, g32 in zip(grads, grads32):
+        assert ((g32 - g).norm() / g.norm()).item() < 0.05

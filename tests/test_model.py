@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from conftest import greedy_reference
 
-from model import GPT, GPTConfig, load_safetensors, parse_active_layers
+from model import ChunkedCrossEntropy, GPT, GPTConfig, load_safetensors, parse_active_layers
 
 
 def rel_err(a, b):
@@ -218,9 +218,10 @@ print('ok')
 
 
 @pytest.mark.parametrize('vocab', [50257, 97])
-def test_chunked_loss_equals_cross_entropy_on_full_logits(vocab):
+def test_chunked_loss_equals_cross_entropy_on_full_logits(vocab, monkeypatch):
     """GPT's loss (ChunkedCrossEntropy: several chunks of rows for GPT-2's vocabulary, one for 97) equals
     F.cross_entropy on the whole logits, in value and in every parameter's gradient, ignored targets included."""
+    monkeypatch.setattr(ChunkedCrossEntropy, 'rows', 40 * 50257)  # 96 rows: 3 chunks of GPT-2's vocabulary
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=32, vocab_size=vocab, n_layer=2, n_head=2, n_embd=32, dropout=0.0))
     idx, targets = torch.randint(0, vocab, (3, 32)), torch.randint(0, vocab, (3, 32))
@@ -232,7 +233,7 @@ def test_chunked_loss_equals_cross_entropy_on_full_logits(vocab):
     model.zero_grad()
     none, loss = model(idx, targets)
     loss.backward()
-    assert none is None and (96 > 2 ** 21 // vocab or vocab == 97)  # several chunks, or one
+    assert none is None and (96 > ChunkedCrossEntropy.rows // vocab or vocab == 97)  # several chunks, or one
     assert torch.allclose(loss, plain, rtol=1e-5, atol=0)
     for n, p in model.named_parameters():
         assert torch.allclose(p.grad, want[n], rtol=1e-5, atol=1e-5 * want[n].abs().max().item()), n
@@ -240,3 +241,15 @@ def test_chunked_loss_equals_cross_entropy_on_full_logits(vocab):
         assert torch.allclose(model(idx, targets)[1], plain, rtol=1e-5, atol=0)
     with torch.autocast('cpu', torch.bfloat16):  # train.py's mixed precision: close, not equal
         assert torch.allclose(model(idx, targets)[1], plain, rtol=1e-2, atol=0)
+
+
+def test_chunked_loss_stays_finite_where_the_targets_probability_underflows():
+    """A target 200 nats below the best logit: exp underflows to 0 in float32, yet the loss is its exact
+    200-ish nats (as F.cross_entropy says), not inf, and the gradient is softmax - onehot."""
+    x, weight = torch.eye(4, requires_grad=True), (torch.eye(4) * torch.tensor([200.0, 0, 0, 0])).requires_grad_()
+    targets = torch.tensor([1, 1, 2, 3])  # row 0's best logit is 200, its target's 0
+    loss = ChunkedCrossEntropy.apply(x, weight, targets, True)
+    logits = x @ weight.t()
+    plain = F.cross_entropy(logits, targets)
+    assert torch.isfinite(loss) and torch.allclose(loss, plain, rtol=1e-6)
+    assert torch.allclose(torch.autograd.grad(loss, weight)[0], torch.autograd.grad(plain, weight)[0], atol=1e-7)
