@@ -1,11 +1,13 @@
 """
 Fast CPU inference for a loaded model, in one call: fast_cpu.optimize(model). model.py stays plain PyTorch;
 this file swaps in the kernels that measured fastest on CPUs (bench.py, README "Speed") and leaves training,
-torch.compile and GPUs on the ordinary path (training only asks bfloat16_matmul_is_faster()).
+torch.compile and GPUs on the ordinary path (training only asks bfloat16_matmul_is_faster() and
+attention_in_float32()).
     model = load_model(...)[0].eval().to(dtype)
     fast_cpu.optimize(model)                 # kernel choice by dtype and shape; attention in float32
     fast_cpu.optimize(model, compile=True)   # also compile the one-row matmuls of decoding (needs a C++ compiler)
 """
+import functools
 import sys
 import time
 
@@ -41,6 +43,7 @@ def _int8pack_works():
 INT8PACK = _int8pack_works()
 
 
+@functools.cache  # measured once per process: train.py and every int8 prefill ask the same question
 def bfloat16_matmul_is_faster():
     """True if this CPU multiplies bfloat16 matrices at least 1.5x faster than float32, measured on the shape of
     a training loss's output layer (256 rows x 128 -> 8,192). CPUs with AVX512-BF16 or AMX do (oneDNN, ~2.5x on
@@ -100,7 +103,6 @@ class Int8Linear(nn.Module):
     _weight_int8pack_mm at 512 rows, 1.5x at 64 (a matrix-vector kernel at heart). Inference only:
     quantize_int8 makes these from a loaded model."""
     one_row = None  # the compiled one_row_matmul, set by compile_decode()
-    many_rows_bfloat16 = False  # set by quantize_int8: bfloat16_matmul_is_faster() on this CPU
 
     def __init__(self, linear):
         super().__init__()
@@ -117,7 +119,7 @@ class Int8Linear(nn.Module):
         rows = x.reshape(-1, x.size(-1))
         if rows.size(0) == 1 and self.one_row is not None:
             y = self.one_row(rows[0].float(), self.weight) * self.scale.float()
-        elif rows.size(0) >= 64 and self.many_rows_bfloat16:
+        elif rows.size(0) >= 64 and bfloat16_matmul_is_faster():
             y = F.linear(rows.to(torch.bfloat16), self.weight.to(torch.bfloat16) * self.scale[:, None])
         elif INT8PACK:
             y = torch.ops.aten._weight_int8pack_mm(rows.to(torch.bfloat16), self.weight, self.scale)
@@ -131,7 +133,6 @@ def quantize_int8(model):
     """Quantize a loaded model's Linears to int8 weights (Int8Linear), in place, for CPU inference; returns it.
     GPT's output layer shares its weight with the token embedding: it gets an int8 copy, and the embedding
     stays as it was (a lookup reads one row per token). Call it before optimize()."""
-    Int8Linear.many_rows_bfloat16 = bfloat16_matmul_is_faster()
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) in (nn.Linear, CPULinear):  # (not the Embedding: a tied lm_head gets its own int8 copy)

@@ -104,11 +104,11 @@ def test_compile_decode_falls_back_without_a_compiler(hf_tiny, monkeypatch, caps
 
 # -- int8 weights (fast_cpu.quantize_int8) ------------------------------------------------------------------------
 
-@pytest.mark.parametrize('rows,many_rows_bfloat16', [(1, False), (7, False), (80, False), (80, True)])
-def test_int8_linear_is_the_dequantized_matmul(rows, many_rows_bfloat16, monkeypatch):
+@pytest.mark.parametrize('rows,bfloat16_native', [(1, False), (7, False), (80, False), (80, True)])
+def test_int8_linear_is_the_dequantized_matmul(rows, bfloat16_native, monkeypatch):
     """Int8Linear computes x @ (q * scale)^T + b, q the per-output-channel int8 weight (symmetric, |q| <= 127),
     through PyTorch's int8 kernel or, for 64 rows and more on a CPU with native bfloat16, a bfloat16 matmul."""
-    monkeypatch.setattr(fast_cpu.Int8Linear, 'many_rows_bfloat16', many_rows_bfloat16)
+    monkeypatch.setattr(fast_cpu, 'bfloat16_matmul_is_faster', lambda: bfloat16_native)
     torch.manual_seed(0)
     lin = torch.nn.Linear(96, 40)
     q = fast_cpu.Int8Linear(lin)
