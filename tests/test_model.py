@@ -130,7 +130,7 @@ def test_greedy_generate_equals_transformers(hf_tiny):
 def test_hub_layout_without_prefix_and_pytorch_bin(hf_tiny, tmp_path):
     """The Hub's gpt2 files have no 'transformer.' prefix; save_pretrained writes one; older repos ship only
     pytorch_model.bin. All three load to the same model."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # (test-only: comes with transformers, requirements-test.txt)
     folder, hf = hf_tiny
     sd = {k.removeprefix('transformer.'): v.contiguous() for k, v in hf.state_dict().items() if k != 'lm_head.weight'}
     hub = tmp_path / 'hub-layout'
@@ -149,7 +149,7 @@ def test_hub_layout_without_prefix_and_pytorch_bin(hf_tiny, tmp_path):
 
 
 def test_safetensors_reader_matches_the_library(hf_tiny):
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # the library itself, as the reference (comes with transformers)
     folder, _ = hf_tiny
     path = os.path.join(folder, 'model.safetensors')
     ours, ref = load_safetensors(path), load_file(path)
