@@ -21,7 +21,7 @@ from torch.nn import functional as F
 
 import fast_cpu
 from load import DATA, GPT2_BPE_FILES
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, TransformerModel
 
 # -----------------------------------------------------------------------------
 bench = 'decode'  # 'decode' (vs transformers, CTranslate2), 'train' (vs nanoGPT's math) or 'attention' (kinds)
@@ -43,6 +43,9 @@ seed = 1337
 train_vocab = 65  # vocabulary size
 train_steps = 30  # optimizer steps per timed run (a sixth of them at the full vocabulary)
 train_sizes = 'char,full_vocab'  # nanoGPT's shakespeare_char size, and pico_tiny's model with GPT-2's vocabulary
+train_compile = False  # also time our models under torch.compile (train.py's compile=True; compiling is not timed)
+train_rounds = 5  # processes, one after another, each timing every model; ratios are medians over them (where a
+# process's allocator puts the weights moves one model's figure by up to 10%, even against its own copy)
 # bench='attention': a GPT-2 124M-shaped model of each attention kind
 positions: tuple | int = (100, 1000, 4000)  # decode cost per token measured at these positions
 decode_tokens = 32  # tokens decoded (and timed) at each position
@@ -281,6 +284,26 @@ if bench == 'decode':
             same = sum(torch.equal(gen(p, 100, greedy=True), r) for p, r in zip(prompts, ref_text))
             print(f"  {k:<22} logits rel. L2 error (max) {err:.4f}; 100-token greedy continuation equal to "
                   f"float32's for {same}/{len(prompts)} prompts")
+elif bench == 'train' and train_rounds > 1 and json_out is None:
+    rounds = []  # each: {title: {'ref': name, 'tokens/s': {name: figure}}}
+    for r in range(train_rounds):
+        with tempfile.NamedTemporaryFile(suffix='.json') as f:
+            proc = subprocess.run([sys.executable, os.path.abspath(__file__), '--bench=train', '--train_rounds=1',
+                                   f'--json_out={f.name}', f'--train_sizes={train_sizes}', f'--repeats={repeats}',
+                                   f'--train_steps={train_steps}', f'--train_vocab={train_vocab}',
+                                   f'--threads={threads}', f'--seed={seed}', f'--train_compile={train_compile}'],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.exit(f"bench.py: error: training round {r + 1} failed: {(proc.stdout + proc.stderr).strip()[-300:]}")
+            rounds.append(json.load(open(f.name)))
+        print(f"  round {r + 1} of {train_rounds} done", file=sys.stderr)
+    for title, first in rounds[0].items():
+        print(f"{title}, median of {train_rounds} processes (ratio: median of the processes' ratios, and their range)")
+        for name in first['tokens/s']:
+            tps = [res[title]['tokens/s'][name] for res in rounds]
+            ratios = [res[title]['tokens/s'][name] / res[title]['tokens/s'][first['ref']] for res in rounds]
+            print(f"  {name:<52} {statistics.median(tps):9,.0f} tokens/s   {statistics.median(ratios):.2f}x "
+                  f"({min(ratios):.2f}-{max(ratios):.2f})")
 elif bench == 'train':
     class RefBlock(nn.Module):
         """nanoGPT's block, written plainly: pre-norm LayerNorm (no bias), causal SDPA attention, GELU MLP."""
@@ -331,29 +354,45 @@ elif bench == 'train':
                 return model(x, y)
         return model, step
 
+    def compiled(model):
+        """model's step as train.py takes it with compile=True; the warm-up pass compiles it."""
+        return model, torch.compile(model)
+
+    train_figures = {}  # title: {'ref': name, 'tokens/s': {name: figure}}, for json_out
+
     def report(title, models, batches, ref):
         times = training_times(models, batches)
         B, T = batches[0][0].shape
-        print(f"{title}: batch {B} x {T}, {threads} threads, torch {torch.__version__}, "
-              f"{torch.backends.cpu.get_cpu_capability()}, median of {repeats} runs of {len(batches)} steps")
-        ref_tps = B * T * len(batches) / statistics.median(times[ref])
+        title = (f"{title}: batch {B} x {T}, {threads} threads, torch {torch.__version__}, "
+                 f"{torch.backends.cpu.get_cpu_capability()}, median of {repeats} runs of {len(batches)} steps")
+        tps = {name: B * T * len(batches) / statistics.median(times[name]) for name in models}
+        print(title)
         for name in models:
-            tps = B * T * len(batches) / statistics.median(times[name])
-            print(f"  {name:<48} {tps:9,.0f} tokens/s   {tps / ref_tps:.2f}x")
+            print(f"  {name:<52} {tps[name]:9,.0f} tokens/s   {tps[name] / tps[ref]:.2f}x")
+        train_figures[title] = {'ref': ref, 'tokens/s': tps}
 
     def char_gpt(**kw):
         torch.manual_seed(seed)
         return GPT(GPTConfig(block_size=64, vocab_size=train_vocab, n_layer=4, n_head=4, n_embd=128, bias=False, **kw))
 
+    # bfloat16 rows only where train.py's dtype='auto' would pick bfloat16 (emulated bfloat16 is ~10x slower)
+    native_bf16 = fast_cpu.bfloat16_matmul_is_faster()
     if 'char' in train_sizes:  # nanoGPT's CPU example: shakespeare_char, 4 layers x 128, batch 12 x 64
+        def transformer():
+            torch.manual_seed(seed)
+            return TransformerModel(vocab_size=train_vocab, d_model=128, n_heads=4, n_blocks=4, block_size=64)
         torch.manual_seed(seed)
         models = {'nanoGPT math': RefGPT(train_vocab, 64, 128, 4, 4),
                   'nanoGPT math, bfloat16 autocast': autocast(RefGPT(train_vocab, 64, 128, 4, 4)),
                   'ours (GPT)': char_gpt(activation='gelu'),
                   'ours (GPT, loss as before)': plain_loss(char_gpt(activation='gelu')),
                   'ours (GPT), bfloat16 autocast': autocast(char_gpt(activation='gelu')),
-                  'ours (Transformer, RMSNorm)': char_gpt(norm='rmsnorm'),
-                  'ours (Transformer, RMSNorm), bfloat16 autocast': autocast(char_gpt(norm='rmsnorm'))}
+                  'ours (TransformerModel, RMSNorm)': transformer(),
+                  'ours (TransformerModel, RMSNorm), bfloat16 autocast': autocast(transformer())}
+        if train_compile:
+            models['ours (GPT), torch.compile'] = compiled(char_gpt(activation='gelu'))
+            models['ours (TransformerModel), torch.compile'] = compiled(transformer())
+        models = {k: m for k, m in models.items() if native_bf16 or 'bfloat16' not in k}
         batches = [(torch.randint(0, train_vocab, (12, 64)), torch.randint(0, train_vocab, (12, 64)))
                    for _ in range(train_steps)]
         report(f"nanoGPT's CPU size, vocabulary {train_vocab}", models, batches, 'nanoGPT math')
@@ -361,13 +400,17 @@ elif bench == 'train':
         def pico():
             torch.manual_seed(seed)
             return GPT(GPTConfig(block_size=128, vocab_size=50257, n_layer=4, n_head=4, n_embd=128, bias=False,
-                                 norm='rmsnorm'))
+                                 norm='rmsnorm', activation='gelu'))  # train.py's transformer
         models = {'loss as before (all logits)': plain_loss(pico()), 'chunked loss, float32': pico(),
                   'chunked loss, bfloat16 autocast': autocast(pico())}
+        models = {k: m for k, m in models.items() if native_bf16 or 'bfloat16' not in k}
         batches = [(torch.randint(0, 50257, (16, 128)), torch.randint(0, 50257, (16, 128)))
                    for _ in range(max(1, train_steps // 6))]
         report("pico_tiny's model (4 x 128, RMSNorm) with GPT-2's 50,257-token vocabulary", models, batches,
                'loss as before (all logits)')
+    if json_out:
+        with open(json_out, 'w') as f:
+            json.dump(train_figures, f)
 elif bench == 'attention':
     kinds = [k.strip() for k in attention_kinds.split(',')]
     positions = (positions,) if isinstance(positions, int) else tuple(positions)

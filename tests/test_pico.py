@@ -1,4 +1,6 @@
 """The Pico-LLM models and their pieces: RMSNorm, the k-gram windows, generation with carried state."""
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,12 @@ def test_rmsnorm_formula_and_half_precision():
     assert torch.allclose(norm.double()(x), ref, atol=1e-12)
     big = torch.full((2, 16), 300.0, dtype=torch.float16)  # 300^2 overflows float16; the norm must not
     assert torch.isfinite(norm.half()(big)).all()
+    # a bfloat16 input to a float32 norm (GLA's head norm under autocast): the fused kernel, no mixed-dtype warning
+    norm.float()
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        y = norm(x[0].bfloat16())
+    assert y.dtype == torch.bfloat16 and torch.allclose(y.double(), ref[0], rtol=2e-2, atol=2e-2)
 
 
 def test_kgram_windows_equal_a_loop_over_positions():
@@ -68,6 +76,7 @@ def test_every_model_returns_logits_and_loss(model):
 def test_transformer_is_gpt_with_rmsnorm():
     model = TransformerModel(100, d_model=32, n_heads=4, n_blocks=2, block_size=16)
     assert isinstance(model, GPT) and model.config.norm == 'rmsnorm' and not model.config.bias
+    assert model.config.activation == 'gelu'  # exact GELU: faster than the tanh approximation on CPUs
     assert isinstance(model.transformer.h[0].ln_1, RMSNorm) and isinstance(model.transformer.ln_f, RMSNorm)
     with pytest.raises(ValueError, match="model_type='rnn' is not one of: gpt, transformer, gpt2, lstm, kgram_mlp"):
         build_model('rnn', {})
