@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model import MLP
+
 
 def _onednn_linear_works(dtype):
     """True if PyTorch's oneDNN matmul is present and agrees with F.linear in this dtype (checked at import)."""
@@ -80,11 +82,13 @@ class CPULinear(nn.Linear):
     one_row = None  # the compiled one_row_matmul, set by compile_decode()
 
     def forward(self, x):
-        if x.device.type != 'cpu' or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if x.device.type != 'cpu' or torch.is_grad_enabled():
             return F.linear(x, self.weight, self.bias)
         if x.numel() == x.size(-1) and self.one_row is not None:
             y = self.one_row(x.reshape(-1), self.weight).view(*x.shape[:-1], -1)
             return y if self.bias is None else y + self.bias
+        if torch.compiler.is_compiling():
+            return F.linear(x, self.weight, self.bias)
         if x.dtype == torch.float16 and x.numel() > x.size(-1) and torch.float32 in ONEDNN_DTYPES:
             bias = None if self.bias is None else self.bias.float()
             return torch.ops.mkldnn._linear_pointwise(x.float(), self.weight.float(), bias, 'none', [], '').half()
@@ -195,25 +199,44 @@ def attention_in_float32(model):
 
 
 def compile_decode(model):
-    """Compile the one-row matmuls of token-by-token decoding on CPU with torch.compile (it needs a C++
-    compiler): a compiled multiply-and-sum streams the weights at ~43 GB/s where the library kernels reach
-    20-30 (bench.py), for 1.3x (float32) to 1.5x (bfloat16) faster decoding. Prefill, batches and training
-    are unaffected. Returns False, with a one-line note on stderr, if compiling is not possible here."""
+    """Compile token-by-token decoding's one-row work on CPU with torch.compile (it needs a C++ compiler):
+    - every matmul of one row: a compiled multiply-and-sum streams the weights at ~43 GB/s where the library
+      kernels reach 20-30 (bench.py), for 1.3x (float32) to 1.5x (bfloat16) faster decoding;
+    - each block's MLP as one compiled call (its two matmuls, GELU, int8 scales and biases in two loops):
+      with int8 weights the glue between those calls was a tenth of a token's time (90 -> 100 tok/s).
+    Prefill, batches and training are unaffected. Returns False, with a one-line note on stderr, if compiling
+    is not possible here."""
     linears = [m for m in model.modules() if isinstance(m, (CPULinear, Int8Linear))]
+    mlps = [m for m in model.modules() if isinstance(m, MLP) and isinstance(m.c_fc, (CPULinear, Int8Linear))]
     # one compiled kernel per weight shape and dtype: raise dynamo's limit of 8 for models with more
     # (the setting is recompile_limit since torch 2.6, cache_size_limit before)
     dynamo_config = torch._dynamo.config
     limit = 'recompile_limit' if hasattr(dynamo_config, 'recompile_limit') else 'cache_size_limit'
     setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), 64))
     fn = torch.compile(one_row_matmul, dynamic=False)
+    mlp_fn = torch.compile(MLP.forward, dynamic=False)  # one graph serves every block (weights are its inputs)
     try:  # compile every shape now, so a missing compiler shows here and not in the middle of a sample
         with torch.no_grad():
             for w in {(m.weight.shape, m.weight.dtype): m.weight for m in linears}.values():
                 fn(torch.zeros(w.size(1), dtype=torch.float32 if w.dtype == torch.int8 else w.dtype), w)
+            for m in linears:
+                m.one_row = fn
+            for m in mlps:
+                mlp_fn(m, torch.zeros(1, 1, m.c_fc.in_features, dtype=next(model.parameters()).dtype))
     except Exception as e:  # no C++ compiler, or no inductor for this platform
+        for m in linears:
+            m.one_row = None
         print(f"compile_decode: torch.compile is not available here ({type(e).__name__}); decoding runs "
               f"uncompiled", file=sys.stderr)
         return False
-    for m in linears:
-        m.one_row = fn
+    for m in mlps:
+        m.forward = functools.partial(one_row_or_eager, mlp_fn, m)
     return True
+
+
+def one_row_or_eager(compiled, module, x):
+    """compiled(module, x) for decoding's single rows (static shapes, one graph); the module's own forward for
+    the rest (prefill, batches, gradients), which would otherwise compile again for every prompt length."""
+    if x.numel() == x.size(-1) and not torch.is_grad_enabled():
+        return compiled(module, x)
+    return type(module).forward(module, x)

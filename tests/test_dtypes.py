@@ -10,7 +10,7 @@ import fast_cpu
 from conftest import greedy_reference
 from fast_cpu import CPULinear
 from load import load_model
-from model import GPT
+from model import GPT, MLP
 
 HALF = [torch.float16, torch.bfloat16]
 
@@ -83,6 +83,8 @@ def test_compile_decode_generates_the_same_tokens(hf_tiny):
     ref = model.generate(idx, 30, temperature=0)
     assert fast_cpu.compile_decode(model), "torch.compile failed: is a C++ compiler installed?"
     assert all(m.one_row is not None for m in model.modules() if isinstance(m, torch.nn.Linear))
+    mlps = [m for m in model.modules() if isinstance(m, MLP)]  # each block's MLP: one compiled call per token
+    assert mlps and all(m.forward.func is fast_cpu.one_row_or_eager for m in mlps)
     assert torch.equal(model.generate(idx, 30, temperature=0), ref)
 
 
