@@ -218,8 +218,9 @@ if bench == 'decode':
                 values = figures[spec].get(key)
                 print(f"  {spec:<22} " + (f"{statistics.median(values):8.1f}" if values else "     n/a"))
         median = {spec: {k: statistics.median(v) for k, v in f.items()} for spec, f in figures.items()}
-        for ours, theirs in (('int8', 'ctranslate2-int8'), ('int8', 'llama.cpp-Q8_0'), ('int8+compile', 'llama.cpp-Q8_0'),
-                             ('float16', 'llama.cpp-F16'), ('float32', 'ctranslate2-float32')):
+        for ours, theirs in (('int8', 'ctranslate2-int8'), ('int8+compile', 'ctranslate2-int8'),
+                             ('int8', 'llama.cpp-Q8_0'), ('int8+compile', 'llama.cpp-Q8_0'), ('float16', 'llama.cpp-F16'),
+                             ('float16+compile', 'llama.cpp-F16'), ('float32', 'ctranslate2-float32')):
             if median.get(ours) and median.get(theirs):
                 print(f"{ours} / {theirs}: " + ", ".join(f"{n} tokens {median[ours][f'b1-{n}'] / median[theirs][f'b1-{n}']:.2f}x"
                                                          for n in new_tokens if f'b1-{n}' in median[theirs]))

@@ -63,10 +63,14 @@ def bfloat16_matmul_is_faster():
     return best(torch.float32) > 1.5 * best(torch.bfloat16)
 
 
-def one_row_matmul(x, weight):
+def one_row_matmul(x, weight, scale=None, bias=None):
     """x (in,) times weight (out, in) transposed, written as a multiply-and-sum: torch.compile turns it into
-    one pass over the weight (see compile_decode)."""
-    return (weight * x).sum(-1)
+    one pass over the weight (see compile_decode). scale (out,), int8 weights' per-channel scales, and bias
+    (out,) are applied in the same pass (two small kernels fewer per call)."""
+    y = (weight * x).sum(-1)
+    if scale is not None:
+        y = y * scale
+    return y if bias is None else y + bias
 
 
 class CPULinear(nn.Linear):
@@ -85,8 +89,7 @@ class CPULinear(nn.Linear):
         if x.device.type != 'cpu' or torch.is_grad_enabled():
             return F.linear(x, self.weight, self.bias)
         if x.numel() == x.size(-1) and self.one_row is not None:
-            y = self.one_row(x.reshape(-1), self.weight).view(*x.shape[:-1], -1)
-            return y if self.bias is None else y + self.bias
+            return self.one_row(x.reshape(-1), self.weight, None, self.bias).view(*x.shape[:-1], -1)
         if torch.compiler.is_compiling():
             return F.linear(x, self.weight, self.bias)
         if x.dtype == torch.float16 and x.numel() > x.size(-1) and torch.float32 in ONEDNN_DTYPES:
@@ -122,8 +125,9 @@ class Int8Linear(nn.Module):
             raise RuntimeError("an int8 model is for inference only; train the float model it was quantized from")
         rows = x.reshape(-1, x.size(-1))
         if rows.size(0) == 1 and self.one_row is not None:
-            y = self.one_row(rows[0].float(), self.weight) * self.scale.float()
-        elif rows.size(0) >= 64 and bfloat16_matmul_is_faster():
+            y = self.one_row(rows[0].float(), self.weight, self.scale, self.bias)
+            return y.to(x.dtype).view(*x.shape[:-1], -1)
+        if rows.size(0) >= 64 and bfloat16_matmul_is_faster():
             y = F.linear(rows.to(torch.bfloat16), self.weight.to(torch.bfloat16) * self.scale[:, None])
         elif INT8PACK:
             y = torch.ops.aten._weight_int8pack_mm(rows.to(torch.bfloat16), self.weight, self.scale)
@@ -217,8 +221,11 @@ def compile_decode(model):
     mlp_fn = torch.compile(MLP.forward, dynamic=False)  # one graph serves every block (weights are its inputs)
     try:  # compile every shape now, so a missing compiler shows here and not in the middle of a sample
         with torch.no_grad():
-            for w in {(m.weight.shape, m.weight.dtype): m.weight for m in linears}.values():
-                fn(torch.zeros(w.size(1), dtype=torch.float32 if w.dtype == torch.int8 else w.dtype), w)
+            for m in {(m.weight.shape, m.weight.dtype): m for m in linears}.values():
+                if isinstance(m, Int8Linear):
+                    fn(torch.zeros(m.in_features), m.weight, m.scale, m.bias)
+                else:
+                    fn(torch.zeros(m.in_features, dtype=m.weight.dtype), m.weight, None, m.bias)
             for m in linears:
                 m.one_row = fn
             for m in mlps:
