@@ -50,6 +50,7 @@ train_rounds = 5  # processes, one after another, each timing every model; ratio
 positions: tuple | int = (100, 1000, 4000)  # decode cost per token measured at these positions
 decode_tokens = 32  # tokens decoded (and timed) at each position
 attention_kinds = 'softmax,linear,gla'  # the kinds compared
+attention_dtype = 'float32'  # the decoding models' weights (fast_cpu.DTYPES: 'int8' quantizes them)
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 torch.set_num_threads(threads)
@@ -416,10 +417,10 @@ elif bench == 'attention':
     kinds = [k.strip() for k in attention_kinds.split(',')]
     positions = (positions,) if isinstance(positions, int) else tuple(positions)
     # decoding: softmax reads a KV cache that grows with the position; linear and GLA carry a fixed-size state
-    models = {k: fast_cpu.optimize(GPT(GPTConfig(block_size=max(positions) + decode_tokens + 1, vocab_size=50257,
-                                                 attention=k)).eval()) for k in kinds}
-    print(f"decode cost per token by position: GPT-2 124M shape (12 x 768), batch 1, top_k={top_k}, {threads} threads, "
-          f"median of {repeats}")
+    models = {k: fast_cpu.cast(GPT(GPTConfig(block_size=max(positions) + decode_tokens + 1, vocab_size=50257,
+                                             attention=k)).eval(), attention_dtype, 'cpu') for k in kinds}
+    print(f"decode cost per token by position: GPT-2 124M shape (12 x 768), {attention_dtype} weights, batch 1, "
+          f"top_k={top_k}, {threads} threads, {torch.backends.cpu.get_cpu_capability()}, median of {repeats}")
     g = torch.Generator().manual_seed(seed)
     rows = {}
     for p in positions:
