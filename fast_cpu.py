@@ -5,7 +5,7 @@ torch.compile and GPUs on the ordinary path (training only asks bfloat16_matmul_
 attention_in_float32()).
     model = load_model(...)[0].eval().to(dtype)
     fast_cpu.optimize(model)                 # kernel choice by dtype and shape; attention in float32
-    fast_cpu.optimize(model, compile=True)   # also compile the one-row matmuls of decoding (needs a C++ compiler)
+    fast_cpu.optimize(model, compile=True)   # also compile decoding's one-row matmuls and MLPs (needs a C++ compiler)
 """
 import functools
 import sys
@@ -174,7 +174,7 @@ def optimize(model, compile=False):
     """Make a loaded model fast for inference on the CPU, in place; returns it. Every nn.Linear becomes a
     CPULinear, and softmax attention computes (and caches keys and values) in float32 under half-precision
     weights: PyTorch's CPU attention is 8-13x slower in float16 / bfloat16 than in float32 (bench.py), and
-    less accurate. compile=True also compiles the one-row matmuls of decoding (compile_decode). A model on
+    less accurate. compile=True also compiles decoding's one-row matmuls and MLPs (compile_decode). A model on
     another device is returned as it is. Call it after moving the model to its device and dtype."""
     p = next(model.parameters())
     if p.device.type != 'cpu':
