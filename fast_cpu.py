@@ -5,7 +5,7 @@ torch.compile and GPUs on the ordinary path (training only asks bfloat16_matmul_
 attention_in_float32()).
     model = load_model(...)[0].eval().to(dtype)
     fast_cpu.optimize(model)                 # kernel choice by dtype and shape; attention in float32
-    fast_cpu.optimize(model, compile=True)   # also compile decoding's one-row matmuls and MLPs (needs a C++ compiler)
+    fast_cpu.optimize(model, compile=True)   # also compile the one-token decoding step (needs a C++ compiler)
 """
 import functools
 import sys
@@ -15,7 +15,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import MLP
 
 
 def _onednn_linear_works(dtype):
@@ -81,16 +80,15 @@ class CPULinear(nn.Linear):
       also 2x faster on many rows (prefill);
     - float16: ~41 GB/s through F.linear's one-row kernel, but its many-row kernel is 8x slower than
       upcasting to float32 for oneDNN;
-    - one row of any dtype after compile_decode(): ~43 GB/s through a compiled one_row_matmul.
-    Training (gradients on), torch.compile and GPUs take plain F.linear."""
-    one_row = None  # the compiled one_row_matmul, set by compile_decode()
+    - one row of any dtype inside compile_decode()'s step: a compiled one_row_matmul.
+    Training (gradients on), other torch.compile uses and GPUs take plain F.linear."""
 
     def forward(self, x):
         if x.device.type != 'cpu' or torch.is_grad_enabled():
             return F.linear(x, self.weight, self.bias)
-        if x.numel() == x.size(-1) and self.one_row is not None:
-            return self.one_row(x.reshape(-1), self.weight, None, self.bias).view(*x.shape[:-1], -1)
         if torch.compiler.is_compiling():
+            if x.numel() == x.size(-1):  # compile_decode's step
+                return one_row_matmul(x.reshape(-1), self.weight, None, self.bias).view(*x.shape[:-1], -1)
             return F.linear(x, self.weight, self.bias)
         if x.dtype == torch.float16 and x.numel() > x.size(-1) and torch.float32 in ONEDNN_DTYPES:
             bias = None if self.bias is None else self.bias.float()
@@ -104,12 +102,11 @@ class Int8Linear(nn.Module):
     """A Linear whose weight is stored as int8, one float scale per output channel (symmetric: w ~= q * scale,
     q in [-127, 127]): a quarter of float32's bytes, and decoding reads every weight once per token. The
     activations stay float32 outside; the matmul runs PyTorch's int8-weight kernel on bfloat16 activations
-    (_weight_int8pack_mm: its float32 path is ~20x slower) or, after compile_decode, a compiled one-row
+    (_weight_int8pack_mm: its float32 path is ~20x slower) or, inside compile_decode's step, a compiled one-row
     multiply-and-sum. Many rows at once (a prefill, prune.py's scoring) instead dequantize the weight to
     bfloat16 for oneDNN's matmul where this CPU multiplies bfloat16 natively: 2.2-2.4x faster than
     _weight_int8pack_mm at 512 rows, 1.5x at 64 (a matrix-vector kernel at heart). Inference only:
     quantize_int8 makes these from a loaded model."""
-    one_row = None  # the compiled one_row_matmul, set by compile_decode()
 
     def __init__(self, linear):
         super().__init__()
@@ -124,8 +121,8 @@ class Int8Linear(nn.Module):
         if torch.is_grad_enabled():
             raise RuntimeError("an int8 model is for inference only; train the float model it was quantized from")
         rows = x.reshape(-1, x.size(-1))
-        if rows.size(0) == 1 and self.one_row is not None:
-            y = self.one_row(rows[0].float(), self.weight, self.scale, self.bias)
+        if rows.size(0) == 1 and torch.compiler.is_compiling():  # compile_decode's step
+            y = one_row_matmul(rows[0].float(), self.weight, self.scale, self.bias)
             return y.to(x.dtype).view(*x.shape[:-1], -1)
         if rows.size(0) >= 64 and bfloat16_matmul_is_faster():
             y = F.linear(rows.to(torch.bfloat16), self.weight.to(torch.bfloat16) * self.scale[:, None])
@@ -174,7 +171,7 @@ def optimize(model, compile=False):
     """Make a loaded model fast for inference on the CPU, in place; returns it. Every nn.Linear becomes a
     CPULinear, and softmax attention computes (and caches keys and values) in float32 under half-precision
     weights: PyTorch's CPU attention is 8-13x slower in float16 / bfloat16 than in float32 (bench.py), and
-    less accurate. compile=True also compiles decoding's one-row matmuls and MLPs (compile_decode). A model on
+    less accurate. compile=True also compiles the one-token decoding step (compile_decode). A model on
     another device is returned as it is. Call it after moving the model to its device and dtype."""
     p = next(model.parameters())
     if p.device.type != 'cpu':
@@ -203,48 +200,32 @@ def attention_in_float32(model):
 
 
 def compile_decode(model):
-    """Compile token-by-token decoding's one-row work on CPU with torch.compile (it needs a C++ compiler):
-    - every matmul of one row: a compiled multiply-and-sum streams the weights at ~43 GB/s where the library
-      kernels reach 20-30 (bench.py), for 1.3x (float32) to 1.5x (bfloat16) faster decoding;
-    - each block's MLP as one compiled call (its two matmuls, GELU, int8 scales and biases in two loops):
-      with int8 weights the glue between those calls was a tenth of a token's time (bench.py: 1.39x -> 1.56x
-      CTranslate2 int8 at 100 tokens).
-    Prefill, batches and training are unaffected. Returns False, with a one-line note on stderr, if compiling
-    is not possible here."""
-    linears = [m for m in model.modules() if isinstance(m, (CPULinear, Int8Linear))]
-    mlps = [m for m in model.modules() if isinstance(m, MLP) and isinstance(m.c_fc, (CPULinear, Int8Linear))]
-    # one compiled kernel per weight shape and dtype: raise dynamo's limit of 8 for models with more
-    # (the setting is recompile_limit since torch 2.6, cache_size_limit before)
-    dynamo_config = torch._dynamo.config
-    limit = 'recompile_limit' if hasattr(dynamo_config, 'recompile_limit') else 'cache_size_limit'
-    setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), 64))
-    fn = torch.compile(one_row_matmul, dynamic=False)
-    mlp_fn = torch.compile(MLP.forward, dynamic=False)  # one graph serves every block (weights are its inputs)
-    try:  # compile every shape now, so a missing compiler shows here and not in the middle of a sample
-        with torch.no_grad():
-            for m in {(m.weight.shape, m.weight.dtype): m for m in linears}.values():
-                if isinstance(m, Int8Linear):
-                    fn(torch.zeros(m.in_features), m.weight, m.scale, m.bias)
-                else:
-                    fn(torch.zeros(m.in_features, dtype=m.weight.dtype), m.weight, None, m.bias)
-            for m in linears:
-                m.one_row = fn
-            for m in mlps:
-                mlp_fn(m, torch.zeros(1, 1, m.c_fc.in_features, dtype=next(model.parameters()).dtype))
+    """Compile token-by-token decoding on CPU with torch.compile (it needs a C++ compiler): each one-token step
+    of a GPT (batch 1) runs as one compiled call, so the ~200 small eager kernels and dozens of dispatches a
+    token become a handful of C++ loops, and every matmul of one row becomes a multiply-and-sum
+    (one_row_matmul) that streams the weights once, int8 scales and biases in the same pass. Prefill, batches
+    and gradients keep the model's own forward (one graph serves every position: no recompiling per prompt).
+    The first steps compile (~30 s the first time; inductor caches the result on disk). Returns False, with a
+    one-line note on stderr, if compiling is not possible here."""
+    if 'forward' in vars(model):  # compiled already
+        return True
+    eager = model.forward
+    # dynamic=True: one graph for every position and cache length (the weights' shapes stay fixed). Inductor
+    # inlines cheap elementwise work into its consumers; inside a one-row matmul that would recompute a
+    # LayerNorm or GELU for every weight row (measured: blocks 1.8x slower), so small results are stored.
+    step = torch.compile(eager, dynamic=True,
+                         options={'realize_opcount_threshold': 0, 'realize_acc_reads_threshold': 0})
+
+    def forward(idx, targets=None, start_pos=None):
+        if start_pos and idx.shape == (1, 1) and targets is None and not torch.is_grad_enabled():
+            return step(idx, start_pos=start_pos)
+        return eager(idx, targets, start_pos)
+    model.forward = forward
+    try:  # compile now, so that a missing compiler shows here (greedy: no random numbers drawn)
+        model.generate(torch.zeros(1, 1, dtype=torch.long), 3, temperature=0)
     except Exception as e:  # no C++ compiler, or no inductor for this platform
-        for m in linears:
-            m.one_row = None
+        del model.forward
         print(f"compile_decode: torch.compile is not available here ({type(e).__name__}); decoding runs "
               f"uncompiled", file=sys.stderr)
         return False
-    for m in mlps:
-        m.forward = functools.partial(one_row_or_eager, mlp_fn, m)
     return True
-
-
-def one_row_or_eager(compiled, module, x):
-    """compiled(module, x) for decoding's single rows (static shapes, one graph); the module's own forward for
-    the rest (prefill, batches, gradients), which would otherwise compile again for every prompt length."""
-    if x.numel() == x.size(-1) and not torch.is_grad_enabled():
-        return compiled(module, x)
-    return type(module).forward(module, x)

@@ -135,7 +135,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.cache = None  # (2, B, n_head, max_len, head_size) while generating
+        self.cache = None  # (keys, values), each (B, n_head, max_len, head_size), while generating
         self.compute_dtype = None  # the attention product's dtype (None: the activations'); see fast_cpu.py
 
     def qkv(self, x, rope=None):
@@ -149,17 +149,21 @@ class CausalSelfAttention(nn.Module):
 
     def setup_cache(self, batch_size, max_len):
         w = self.c_proj.weight
-        self.cache = None if batch_size is None else w.new_empty(
-            2, batch_size, self.n_head, max_len, w.size(0) // self.n_head, dtype=self.compute_dtype or w.dtype)
+        # (one spare position: a slice of the whole cache would be contiguous, a case torch.compile would
+        # compile a second time in fast_cpu.compile_decode)
+        self.cache = None if batch_size is None else tuple(w.new_empty(
+            batch_size, self.n_head, max_len + 1, w.size(0) // self.n_head, dtype=self.compute_dtype or w.dtype)
+            for _ in range(2))
 
     def forward(self, x, start_pos=None, rope=None):
         B, T, C = x.size()
         q, k, v = self.qkv(x, rope)
         if start_pos is not None:  # generation: one prefill (start_pos 0), then one token at a time
             assert start_pos == 0 or T == 1, "the cache takes one prefill, then one token at a time"
-            self.cache[0, :, :, start_pos:start_pos + T] = k
-            self.cache[1, :, :, start_pos:start_pos + T] = v
-            k, v = self.cache[0, :, :, :start_pos + T], self.cache[1, :, :, :start_pos + T]
+            k_cache, v_cache = self.cache
+            k_cache[:, :, start_pos:start_pos + T] = k
+            v_cache[:, :, start_pos:start_pos + T] = v
+            k, v = k_cache[:, :, :start_pos + T], v_cache[:, :, :start_pos + T]
         # a single new token may see every cached position, so it needs no mask
         # a compute_dtype holds under autocast too, which would otherwise cast q, k, v back to half precision
         with torch.autocast(x.device.type, enabled=False) if self.compute_dtype is not None else nullcontext():
