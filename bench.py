@@ -51,6 +51,7 @@ positions: tuple | int = (100, 1000, 4000)  # decode cost per token measured at 
 decode_tokens = 32  # tokens decoded (and timed) at each position
 attention_kinds = 'softmax,linear,gla'  # the kinds compared
 attention_dtype = 'float32'  # the decoding models' weights (fast_cpu.DTYPES: 'int8' quantizes them)
+attention_compile = False  # the decoding models with fast_cpu.compile_decode (the compiled one-token step)
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 torch.set_num_threads(threads)
@@ -419,7 +420,10 @@ elif bench == 'attention':
     # decoding: softmax reads a KV cache that grows with the position; linear and GLA carry a fixed-size state
     models = {k: fast_cpu.cast(GPT(GPTConfig(block_size=max(positions) + decode_tokens + 1, vocab_size=50257,
                                              attention=k)).eval(), attention_dtype, 'cpu') for k in kinds}
-    print(f"decode cost per token by position: GPT-2 124M shape (12 x 768), {attention_dtype} weights, batch 1, "
+    if attention_compile and not all(fast_cpu.compile_decode(m) for m in models.values()):
+        sys.exit("bench.py: error: attention_compile=True needs torch.compile (a C++ compiler)")
+    print(f"decode cost per token by position: GPT-2 124M shape (12 x 768), {attention_dtype} weights"
+          f"{', compiled step' if attention_compile else ''}, batch 1, "
           f"top_k={top_k}, {threads} threads, {torch.backends.cpu.get_cpu_capability()}, median of {repeats}")
     g = torch.Generator().manual_seed(seed)
     rows = {}
