@@ -2,6 +2,7 @@
 Benchmarks: our code against a reference, on the same weights, in one process, alternating runs.
     python bench.py --bench=decode      # GPT-2 124M decoding: ours (float32, half, compiled) vs transformers and CTranslate2
     python bench.py --bench=decode --engines_list=float32,ctranslate2-float32 --new_tokens=100
+    python bench.py --bench=decode --greedy=True --prompt_len=1   # as llama-bench's generation test: no sampling, no prompt
     python bench.py --bench=train       # training steps/s of our GPT vs a plain nanoGPT-equivalent model
     python bench.py --bench=attention   # softmax vs linear vs GLA: decode cost at positions 100-4000, training speed
 Figures go in README.md with the machine they were measured on.
@@ -36,6 +37,8 @@ prefill_len = 512  # prompt length for the time-to-first-token measurement
 batch_size = 8  # rows decoded together for the batch measurement
 accuracy_prompts = 20  # prompts for the half-precision accuracy check
 top_k: int | None = 200  # sampling as sample.py does it (temperature 1.0)
+greedy = False  # argmax instead of sampling: llama-bench's generation test samples nothing and has no prompt, so
+# --greedy=True --prompt_len=1 races it like for like (our sampling costs ~0.35 ms a token right after a step)
 repeats = 5  # runs of each side (models take turns); the median is reported
 threads = 2  # torch.set_num_threads
 seed = 1337
@@ -185,6 +188,7 @@ if bench == 'decode':
         return figures
 
     specs = [e.strip() for e in (engines_list.split(',') if isinstance(engines_list, str) else engines_list)]
+    sampling = 'greedy' if greedy else f'top_k={top_k}'
     titles = {**{f'b1-{n}': f"batch 1, {prompt_len}-token prompt, {n} new tokens (tok/s)" for n in new_tokens},
               'ttft': f"time to first token, {prefill_len}-token prompt (ms)",
               'b8': f"batch {batch_size}, {prompt_len}-token prompt, 100 new tokens (tok/s)"}
@@ -192,7 +196,7 @@ if bench == 'decode':
     if isolate and json_out is None:
         # one process per engine and round: this process only starts them, and checks accuracy at the end
         figures = {spec: {} for spec in specs}
-        print(f"GPT-2 124M (random weights), top_k={top_k}, {threads} threads, torch {torch.__version__}, {capability}, "
+        print(f"GPT-2 124M (random weights), {sampling}, {threads} threads, torch {torch.__version__}, {capability}, "
               f"one process per engine, median of {repeats} rounds")
         llama = {spec: llama_engine(spec.removeprefix('llama.cpp-')) for spec in specs if spec.startswith('llama.cpp-')}
         for r in range(repeats):
@@ -205,7 +209,7 @@ if bench == 'decode':
                                                f'--engines_list={spec}', '--repeats=1', '--accuracy_prompts=0',
                                                f'--weights={folder}', f'--json_out={f.name}', f'--threads={threads}',
                                                f'--new_tokens={",".join(map(str, new_tokens))}', f'--top_k={top_k}',
-                                               f'--prompt_len={prompt_len}', f'--prefill_len={prefill_len}',
+                                               f'--greedy={greedy}', f'--prompt_len={prompt_len}', f'--prefill_len={prefill_len}',
                                                f'--batch_size={batch_size}', f'--seed={seed}'],
                                               capture_output=True, text=True)
                         figs = json.load(open(f.name)).get(spec, {}) if proc.returncode == 0 else {}
@@ -245,7 +249,7 @@ if bench == 'decode':
             elif not spec.startswith('llama.cpp-'):
                 sys.exit(f"bench.py: error: engine {spec!r} is not one of: transformers, ctranslate2-float32, "
                          f"ctranslate2-int8, llama.cpp-F16, llama.cpp-Q8_0, float32, bfloat16, float16, int8 (+compile)")
-        print(f"GPT-2 124M (random weights), top_k={top_k}, {threads} threads, torch {torch.__version__}, {capability}, "
+        print(f"GPT-2 124M (random weights), {sampling}, {threads} threads, torch {torch.__version__}, {capability}, "
               f"median of {repeats} alternating runs in one process")
         figures = {k: {} for k in engines}
 
@@ -256,8 +260,8 @@ if bench == 'decode':
                 for k, (gen, _) in engines.items():
                     load, unload = load_and_unload.get(k, (lambda: None, lambda: None))
                     load()
-                    gen(idx, min(n, 4))  # warm up
-                    times[k].append(timed(lambda: gen(idx, n)))
+                    gen(idx, min(n, 4), greedy)  # warm up
+                    times[k].append(timed(lambda: gen(idx, n, greedy)))
                     unload()
             print(titles[key])
             for k in engines:
