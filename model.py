@@ -845,7 +845,9 @@ def safe_torch_load(path):
         with warnings.catch_warnings():  # old pickle protocols make torch warn; the load is safe all the same
             warnings.simplefilter('ignore')
             return torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:  # (a pickle that would run code, or bytes that are no pickle at all)
+    # (a pickle that would run code, or bytes that are no pickle at all: on those the weights-only unpickler
+    # stops with UnpicklingError, or an IndexError or KeyError from its stack and memo)
+    except (pickle.UnpicklingError, IndexError, KeyError) as e:
         culprit = re.search(r'(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)', str(e))
         what = f"it would call {culprit[1]} when unpickled (would run code)" if culprit else \
             "it is not tensors and plain data (corrupt, or a pickle of Python objects, which could run code)"

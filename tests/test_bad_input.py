@@ -23,6 +23,7 @@ def files(tmp_path_factory, hf_tiny):
     (root / 'dir.pt').mkdir()
     (root / 'empty.pt').write_bytes(b'')
     (root / 'random.pt').write_bytes(os.urandom(3000))
+    (root / 'stack.pt').write_bytes(b'\x80\x02\x87.')  # a pickle whose first op pops an empty stack
     (root / 'notes.txt').write_text("open('ran', 'w')\n")
     data = root / 'data'
     data.mkdir()
@@ -69,6 +70,7 @@ CASES = [
     ('sample.py', ['--temperature=nan'], ["temperature expects float, got 'nan'"]),
     ('sample.py', ['--init_from={root}/empty.pt'], ['empty.pt is truncated or corrupt']),
     ('sample.py', ['--init_from={root}/random.pt'], ['refused to load', 'not tensors and plain data']),
+    ('sample.py', ['--init_from={root}/stack.pt'], ['refused to load', 'not tensors and plain data']),
     ('sample.py', ['--init_from={root}/dir.pt'], ['dir.pt is a directory']),
     ('sample.py', ['--init_from={root}/deep.pt'], ['the config says n_layer=1000000000 but the weights hold 1']),
     ('sample.py', ['--init_from={root}/kgram.pt'], ['num_inner_layers=1000000000 but the weights hold 1']),
