@@ -165,12 +165,19 @@ def _configure(g):
             die(f"expected --key=value, --key value or a config file, got {arg!r}")
         else:
             if not os.path.isfile(arg):
-                die(f"config file {arg!r} not found")
+                die(f"config file {arg!r} {'is a folder' if os.path.isdir(arg) else 'not found'}")
             if not arg.endswith('.py'):  # a config file is Python and is run: only ever a .py file the user means
                 die(f"{arg!r} is not a config file (a .py file); settings are --key=value")
             ns = {k: g[k] for k in settings}  # a config file may read the current settings
             try:
-                exec(builtins.compile(open(arg).read(), arg, 'exec'), ns)
+                with open(arg, 'rb') as f:
+                    src = f.read().decode('utf-8')
+            except UnicodeDecodeError as e:
+                die(f"config file {arg!r} is not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset {e.start})")
+            except OSError as e:
+                die(f"config file {arg!r} cannot be read ({e.strerror})")
+            try:
+                exec(builtins.compile(src, arg, 'exec'), ns)
             except Exception as e:
                 tb = e.__traceback__.tb_next if e.__traceback__ else None
                 line = getattr(e, 'lineno', None) or (tb.tb_lineno if tb else '?')

@@ -23,6 +23,7 @@ out_dir = 'out'  # where init_from='resume' finds ckpt.pt
 active_layers: str | tuple | list | int | None = None  # export only these blocks (as in sample.py)
 folder: str | None = None  # the folder to write (None: out_dir/hf for 'resume', else export-<name of init_from>)
 dtype = 'float32'  # the weights' dtype in the file: 'float32', 'float16' or 'bfloat16'
+overwrite = False  # a folder that holds a model already: refused unless True (then its old files are removed)
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 
@@ -46,7 +47,7 @@ try:
     # a model from a Hub-layout folder keeps that folder's tokenizer files (a GPT-2 of another language has its own)
     source = None if init_from == 'resume' or init_from.endswith('.pt') or os.path.isfile(init_from) else \
         init_from if os.path.isdir(init_from) else hub_snapshot(init_from)
-    files = save_hf_folder(model, tokenizer, folder, tokenizer_from=source)
+    files = save_hf_folder(model, tokenizer, folder, tokenizer_from=source, overwrite=overwrite)
 except (OSError, ValueError) as e:
     die(e)
 

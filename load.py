@@ -239,6 +239,73 @@ def _sha256(path):
 
 
 # -----------------------------------------------------------------------------
+# Output files: what a script writes into a run or export folder (checkpoints, log.csv, loss.png, exports)
+
+
+def refuse_link(path):
+    """ValueError if path is a symbolic link (dangling ones too): a script writes its own files, never through a
+    link into a file the user keeps elsewhere."""
+    if os.path.islink(path):
+        raise ValueError(f"{path} is a symbolic link (to {os.readlink(path)}); refused to write through it: remove the "
+                         f"link, or give another folder")
+
+
+@contextlib.contextmanager
+def output_file(path):
+    """Write path safely: yields a temporary path beside it (same folder, same extension, an unpredictable name) for
+    the caller to write, then renames it over path, so a crash or a full disk never leaves half a file and the
+    old one stays until the new one is whole. Refuses (ValueError) when path is a symbolic link."""
+    refuse_link(path)
+    stem, ext = os.path.splitext(path)
+    tmp = f"{stem}.tmp-{os.getpid()}-{os.urandom(4).hex()}{ext}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+
+
+def append_to(path):
+    """path opened to append text (log.csv's rows), refusing (ValueError) a symbolic link: O_NOFOLLOW makes the
+    check and the open one step, so a link made in between is refused too."""
+    refuse_link(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, 'O_NOFOLLOW', 0), 0o666)
+    except OSError:
+        refuse_link(path)  # (a link made since the check above)
+        raise
+    return os.fdopen(fd, 'a', newline='')
+
+
+_claims = {}  # folder -> its open lock file, for each folder this process claimed, kept open until it exits
+
+
+def claim_folder(folder, what):
+    """Claim folder for this process (until it exits) with an exclusive lock on folder/.lock that records its pid,
+    so that two runs started together can never both write it: the second gets ValueError naming the first.
+    The kernel drops the lock when the process ends, however it ends, so a crash leaves nothing to clean up."""
+    path = os.path.join(folder, '.lock')
+    refuse_link(path)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, 'O_NOFOLLOW', 0), 0o666)
+    try:
+        if os.name == 'nt':
+            import msvcrt
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 20, 0).decode(errors='replace').strip() if hasattr(os, 'pread') else '?'
+        os.close(fd)
+        raise ValueError(f"{folder} is in use by another {what} (pid {holder or '?'}); wait for it to end, or give "
+                         f"another folder") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _claims[os.path.realpath(folder)] = fd
+
+
+# -----------------------------------------------------------------------------
 # Checkpoints
 
 MODEL_TYPES = {'gpt': GPT, 'transformer': GPT, 'gpt2': GPT, 'lstm': LSTMSeqModel, 'kgram_mlp': KGramMLPSeqModel}
@@ -248,8 +315,10 @@ def build_model(model_type, model_args, weights=None, where='model_args'):
     """A fresh model of a type in MODEL_TYPES from its constructor arguments (as a checkpoint stores them). With
     weights ({name: tensor}), the arguments are first checked against them without allocating anything
     (model.check_shapes): sizes the weights lack are refused with one line, before they could exhaust memory."""
-    if model_type not in MODEL_TYPES:
-        raise ValueError(f"model_type={model_type!r} is not one of: {', '.join(MODEL_TYPES)}")
+    if not isinstance(model_type, str) or model_type not in MODEL_TYPES:
+        raise ValueError(f"model_type={model_type!r:.40} is not one of: {', '.join(MODEL_TYPES)}")
+    if not isinstance(model_args, dict) or not all(isinstance(k, str) for k in model_args):
+        raise ValueError(f"{where} is not a dict of settings")
     cls = MODEL_TYPES[model_type]
     if cls is GPT:
         unknown = sorted(set(model_args) - {f.name for f in fields(GPTConfig)})
@@ -265,9 +334,19 @@ def build_model(model_type, model_args, weights=None, where='model_args'):
             raise ValueError(f"{where}: num_inner_layers={model_args.get('num_inner_layers', 1)} but the weights "
                              f"hold {n} inner layers")
     make = (lambda: GPT(config)) if cls is GPT else (lambda: cls(**model_args))
-    if weights is not None:
+    try:
         with torch.device('meta'):  # shapes only, no memory
-            check_shapes(make(), weights, where)
+            meta = make()
+    except (TypeError, ValueError, RuntimeError) as e:  # (the course's models take their arguments as they come)
+        raise ValueError(f"{where}: cannot build a {cls.__name__} from {model_args!r:.100} ({str(e)[:100]})") from None
+    if weights is not None:
+        check_shapes(meta, weights, where)
+    # what the model will take (weights and buffers such as RoPE's tables) against this machine's memory, before
+    # it is allocated: past that, Linux lets the allocation succeed and kills the process later
+    need = sum(t.numel() * t.element_size() for t in [*meta.parameters(), *meta.buffers()])
+    if memory_bytes() and need > 0.8 * memory_bytes():
+        raise ValueError(f"{where}: this {cls.__name__} needs {need / 1e9:.1f} GB for its weights alone, and this "
+                         f"machine has {memory_bytes() / 1e9:.1f} GB")
     return make()
 
 
@@ -281,7 +360,15 @@ def load_checkpoint(path):
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get('model'), dict) or not isinstance(
             ckpt.get('model_args'), dict):
         raise ValueError(f"{path} is not a training checkpoint (it needs the keys 'model' and 'model_args', dicts)")
+    # tensors only where a checkpoint keeps them: the model's (checked against it below) and the optimizer's
+    # state, and scalars (nanoGPT's best_val_loss); others are refused rather than loaded for nothing
+    stray = [k for k, v in ckpt.items() if k not in ('model', 'optimizer') and _holds_tensor(v)]
+    if stray:
+        raise ValueError(f"{path}: refused: it holds tensors under {stray[0]!r}, which no checkpoint of "
+                         f"train.py or nanoGPT has (only 'model' and 'optimizer' hold tensors)")
     model_type = ckpt.get('model_type', 'gpt')
+    if not isinstance(model_type, str) or model_type not in MODEL_TYPES:
+        raise ValueError(f"{path}: model_type={model_type!r:.40} is not one of: {', '.join(MODEL_TYPES)}")
     args = dict(ckpt['model_args'])
     if MODEL_TYPES.get(model_type) is GPT:
         # nanoGPT's checkpoints predate our architecture fields: they were trained with the exact GELU
@@ -289,6 +376,10 @@ def load_checkpoint(path):
     # torch.compile prefixes every key with _orig_mod.; old nanoGPT models also saved their causal mask
     sd = {str(k).removeprefix('_orig_mod.'): v for k, v in ckpt['model'].items() if isinstance(v, torch.Tensor)}
     sd = {k: v for k, v in sd.items() if not k.endswith('.attn.bias')}  # (ours: c_attn.bias, never .attn.bias)
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:  # (save_checkpoint never writes these: this file came from elsewhere, or from a diverged run)
+        raise ValueError(f"{path}: {len(bad)} of its {len(sd)} weight tensors are NaN or infinite ({bad[0]}, ...); "
+                         f"the model it holds cannot compute anything: use an earlier checkpoint")
     try:
         model = build_model(model_type, args, sd, path)
         model.load_state_dict(sd)
@@ -297,9 +388,23 @@ def load_checkpoint(path):
     except RuntimeError as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         raise ValueError(f"{path}: weights do not match model_args: {lines[1] if len(lines) > 1 else lines[0]}") from None
-    if 'layer_ids' in ckpt:
-        model.layer_ids = list(ckpt['layer_ids'])
+    if 'layer_ids' in ckpt:  # (prune.py's: which blocks of the original model these are)
+        ids = ckpt['layer_ids']
+        if not (isinstance(ids, list) and len(ids) == len(getattr(model, 'layer_ids', ())) and
+                all(type(i) is int and i >= 0 for i in ids)):
+            raise ValueError(f"{path}: layer_ids={ids!r:.60} is not a list of one block index per block")
+        model.layer_ids = list(ids)
     return model, ckpt
+
+
+def _holds_tensor(x):
+    todo = [x]
+    while todo:
+        x = todo.pop()
+        if isinstance(x, torch.Tensor) and x.numel() > 1:
+            return True
+        todo += x.values() if isinstance(x, dict) else x if isinstance(x, (list, tuple)) else []
+    return False
 
 
 def save_checkpoint(ckpt, path):
@@ -311,17 +416,13 @@ def save_checkpoint(ckpt, path):
     if bad:
         raise ValueError(f"not saved: {len(bad)} of {len(ckpt['model'])} weight tensors are NaN or infinite (the run "
                          f"diverged); {path} keeps {'the last good state' if os.path.exists(path) else 'nothing'}")
-    tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)
+        with output_file(path) as tmp:
+            torch.save(ckpt, tmp)
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
         what = getattr(e, 'strerror', None) or str(e).splitlines()[0][:100]
         raise OSError(f"could not write {path} ({what}); "
                       f"{'it keeps the last saved state' if os.path.exists(path) else 'nothing was saved'}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # -----------------------------------------------------------------------------
@@ -387,6 +488,7 @@ class Tokenizer:
         name = spec.get('name', 'gpt2') if isinstance(spec, dict) else None
         chars, id_map = (spec.get('chars'), spec.get('id_map')) if isinstance(spec, dict) else (None, None)
         if name == 'char' and isinstance(chars, list) and chars and all(isinstance(c, str) and c for c in chars):
+            check_chars(chars, 'the tokenizer')
             return cls(chars=chars)
         if name == 'gpt2' and (id_map is None or isinstance(id_map, list) and id_map and all(
                 type(i) is int and 0 <= i < 50257 for i in id_map)):
@@ -463,6 +565,10 @@ class PlainUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         raise pickle.UnpicklingError(f"it names {module}.{name}, and only dicts, ints and strings are accepted")
 
+    def persistent_load(self, pid):  # (the default's message takes two lines)
+        raise pickle.UnpicklingError("it refers to an object outside the file (a persistent id), and only dicts, "
+                                     "ints and strings are accepted")
+
 
 def read_meta_pkl(path):
     """The characters of a nanoGPT char-level meta.pkl ({'vocab_size': n, 'stoi': {ch: i}, 'itos': {i: ch}}),
@@ -473,8 +579,8 @@ def read_meta_pkl(path):
         with open(path, 'rb') as f:
             meta = PlainUnpickler(f).load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
-            MemoryError, RecursionError) as e:
-        raise ValueError(f"{path}: refused: {e}") from None
+            MemoryError, RecursionError, OverflowError) as e:  # (OverflowError: a length of 2**63 or more)
+        raise ValueError(f"{path}: refused: {(str(e).splitlines() or [type(e).__name__])[0][:120]}") from None
     todo, seen = [meta], 0
     while todo:  # dicts, ints and strings only, looked at without recursion (a pickle can nest 10**5 deep)
         x = todo.pop()
@@ -488,7 +594,22 @@ def read_meta_pkl(path):
             and all(type(i) is int and 0 <= i < n and isinstance(c, str) and stoi.get(c) == i for i, c in itos.items())):
         raise ValueError(f"{path} is not a char-level vocabulary nanoGPT would write: it needs vocab_size, and itos "
                          f"(ids 0..vocab_size-1) and stoi that invert each other")
-    return [itos[i] for i in range(n)]
+    chars = [itos[i] for i in range(n)]
+    check_chars(chars, path)
+    return chars
+
+
+def check_chars(chars, where):
+    """A character vocabulary's entries must be text a model can print: not empty (it would decode to nothing and
+    encode from nothing) and valid Unicode (a lone surrogate cannot be written as UTF-8). ValueError otherwise."""
+    for i, c in enumerate(chars):
+        try:
+            c.encode('utf-8')
+        except UnicodeEncodeError:
+            raise ValueError(f"{where}: character {i} of the vocabulary ({c!r}) is not valid Unicode (a lone "
+                             f"surrogate); remake the vocabulary from UTF-8 text") from None
+        if not c:
+            raise ValueError(f"{where}: character {i} of the vocabulary is the empty string; remake the vocabulary")
 
 
 # -----------------------------------------------------------------------------
@@ -558,10 +679,11 @@ def read_data_folder(folder, check=True):
     meta, vocab = None, {'name': 'gpt2', 'id_map': None}
     if os.path.exists(os.path.join(folder, 'meta.json')):
         try:
-            with open(os.path.join(folder, 'meta.json')) as f:
+            with open(os.path.join(folder, 'meta.json'), encoding='utf-8') as f:
                 meta = json.load(f)
-        except (ValueError, OSError) as e:
-            raise ValueError(f"{folder}/meta.json cannot be read ({e}); remake the folder with data/prepare.py") from None
+        except (ValueError, OSError, RecursionError) as e:  # (RecursionError: JSON nested thousands deep)
+            raise ValueError(f"{folder}/meta.json cannot be read ({type(e).__name__}: {str(e)[:80]}); remake the "
+                             f"folder with data/prepare.py") from None
         if not isinstance(meta, dict) or meta.get('tokenizer', 'gpt2') not in ('gpt2', 'char') or not (
                 meta.get('id_map') is None or isinstance(meta['id_map'], list) and all(
                     type(i) is int and 0 <= i < 50257 for i in meta['id_map'])) or meta.get('tokenizer') == 'char' and \
@@ -570,6 +692,8 @@ def read_data_folder(folder, check=True):
                              f"id_map of GPT-2 ids, or char with its chars); remake the folder with data/prepare.py")
         vocab = {'name': 'char', 'chars': meta['chars']} if meta.get('tokenizer') == 'char' else \
             {'name': 'gpt2', 'id_map': meta.get('id_map')}
+        if vocab['name'] == 'char':
+            check_chars(vocab['chars'], f"{folder}/meta.json")
     elif os.path.exists(os.path.join(folder, 'meta.pkl')):
         vocab = {'name': 'char', 'chars': read_meta_pkl(os.path.join(folder, 'meta.pkl'))}
     data = {}
@@ -578,7 +702,7 @@ def read_data_folder(folder, check=True):
         size = os.path.getsize(path)
         if size % 2:
             raise ValueError(f"{path} has {size} bytes, an odd number: it is not uint16 token ids (truncated?)")
-        data[split] = np.memmap(path, dtype=np.uint16, mode='r') if size else np.zeros(0, dtype=np.uint16)
+        data[split] = TokenFile(path)
         if meta and meta.get(f'{split}_tokens') not in (None, size // 2):
             raise ValueError(f"{path} has {size // 2} tokens but meta.json says {meta[f'{split}_tokens']}: the folder "
                              f"is a mix of two preparations; remake it with data/prepare.py")
@@ -600,6 +724,35 @@ def read_data_folder(folder, check=True):
             raise ValueError(f"{path} holds token id {int(bad[0])}, outside its vocabulary of {what}; was it made "
                              f"with another tokenizer? remake it with data/prepare.py")
     return vocab, data
+
+
+class TokenFile:
+    """The uint16 token ids of a train.bin or val.bin, read on demand (ids[a:b] reads those ids into an array),
+    where nanoGPT memory-maps the file: when a file shrinks under a running process (prepare.py run again, a
+    disk filling), a memory map's read past its new end kills the process with SIGBUS ('Bus error') and loses
+    the work since the last checkpoint; a read here comes back short instead, a ValueError that train.py
+    answers by saving a checkpoint."""
+
+    def __init__(self, path, n=None):
+        self.path, self.f = path, open(path, 'rb')
+        self.n = os.fstat(self.f.fileno()).st_size // 2 if n is None else n
+
+    def __len__(self):
+        return self.n
+
+    def head(self, n):
+        """The first n ids (all if fewer), without reading them."""
+        return TokenFile(self.path, min(n, self.n))
+
+    def __getitem__(self, s):
+        start, stop, step = s.indices(self.n)  # (slices only, as the scripts take windows)
+        count = max(0, stop - start)
+        self.f.seek(2 * start)
+        raw = self.f.read(2 * count)
+        if len(raw) != 2 * count:
+            raise ValueError(f"{self.path} has shrunk to {os.path.getsize(self.path):,} bytes since it was opened "
+                             f"({2 * self.n:,}): was it rewritten or truncated while in use?")
+        return np.frombuffer(raw, dtype=np.uint16)
 
 
 def merged_vocab(vocabs, full_gpt2=False):
@@ -753,16 +906,10 @@ def save_safetensors(tensors, path):
     header['__metadata__'] = {'format': 'pt'}
     raw = json.dumps(header, separators=(',', ':')).encode()
     raw += b' ' * (-len(raw) % 8)  # the tensor bytes start 8-byte aligned (the format pads with spaces)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, 'wb') as f:
-            f.write(len(raw).to_bytes(8, 'little') + raw)
-            for t in tensors.values():
-                f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with output_file(path) as tmp, open(tmp, 'wb') as f:
+        f.write(len(raw).to_bytes(8, 'little') + raw)
+        for t in tensors.values():
+            f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
 def hf_gpt2(model, tokenizer):
@@ -801,16 +948,26 @@ def hf_gpt2(model, tokenizer):
 
 HF_TOKENIZER_FILES = ('vocab.json', 'merges.txt', 'tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json',
                       'added_tokens.json')
+# the files of a model in the Hub's layout, as transformers and the Hub's other libraries write them
+HF_MODEL_FILES = re.compile(r'config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors(\.index\.json)?|'
+                            r'pytorch_model(-\d+-of-\d+)?\.bin(\.index\.json)?|tf_model\.h5|flax_model\.msgpack|'
+                            r'model\.ckpt\..*|' + '|'.join(re.escape(f) for f in HF_TOKENIZER_FILES))
 
 
-def save_hf_folder(model, tokenizer, folder, tokenizer_from=None):
+def save_hf_folder(model, tokenizer, folder, tokenizer_from=None, overwrite=False):
     """Write model as a Hub-layout folder: config.json, model.safetensors, and tokenizer files: those of the
     folder the model came from (tokenizer_from) when it has any, else GPT-2's for GPT-2's vocabulary (data/'s BPE
-    files), else none. All is written to a temporary folder and then moved in, config.json last; tokenizer files
-    of an earlier export that this one does not write are removed, so a folder never mixes two models."""
+    files), else none. A folder that holds a model already is refused (ValueError) unless overwrite, and then
+    every file of that model which this export does not write (pytorch_model.bin, generation_config.json, ...) is
+    removed, so a folder never mixes two models. All is written to a temporary folder and then moved in,
+    config.json last."""
     config, sd = hf_gpt2(model, tokenizer)
-    tmp = f"{os.path.normpath(folder)}.tmp-{os.getpid()}"
-    os.makedirs(tmp, exist_ok=True)
+    old = sorted(f for f in os.listdir(folder) if HF_MODEL_FILES.fullmatch(f)) if os.path.isdir(folder) else []
+    if old and not overwrite:
+        raise ValueError(f"{folder} holds a model already ({', '.join(old[:3])}{', ...' if len(old) > 3 else ''}); "
+                         f"--overwrite=True replaces it (and removes its other files), or give another --folder")
+    tmp = f"{os.path.normpath(folder)}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
+    os.makedirs(tmp)
     try:
         save_safetensors(sd, os.path.join(tmp, 'model.safetensors'))
         theirs = [f for f in HF_TOKENIZER_FILES if tokenizer_from and os.path.isfile(os.path.join(tokenizer_from, f))]
@@ -829,14 +986,15 @@ def save_hf_folder(model, tokenizer, folder, tokenizer_from=None):
             with open(os.path.join(tmp, name), 'w') as f:
                 json.dump(content, f, indent=2)
         os.makedirs(folder, exist_ok=True)
-        for name in HF_TOKENIZER_FILES + ('model.safetensors', 'config.json'):  # config.json last
-            if os.path.exists(os.path.join(tmp, name)):
-                os.replace(os.path.join(tmp, name), os.path.join(folder, name))
-            elif name in HF_TOKENIZER_FILES and os.path.exists(os.path.join(folder, name)):
+        new = sorted(os.listdir(tmp), key=lambda f: f == 'config.json')  # config.json last: the folder is a model
+        for name in sorted(old, key=lambda f: f != 'config.json'):  # config.json first: until the new one is in,
+            if name not in new[:-1]:  # the folder is no model rather than a mix of two
                 os.remove(os.path.join(folder, name))
+        for name in new:
+            os.replace(os.path.join(tmp, name), os.path.join(folder, name))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return sorted(f for f in os.listdir(folder) if f in HF_TOKENIZER_FILES + ('model.safetensors', 'config.json'))
+    return sorted(f for f in os.listdir(folder) if HF_MODEL_FILES.fullmatch(f))
 
 
 # -----------------------------------------------------------------------------
@@ -856,17 +1014,25 @@ def check_output(path, setting):
 
 
 def read_prompt(start):
-    """The prompt a script was given: the text itself, or 'FILE:path' for a UTF-8 text file (ValueError)."""
+    """The prompt a script was given: the text itself, or 'FILE:path' for a UTF-8 text file, or anything that
+    reads as one (FILE:/dev/stdin); ValueError when it is not UTF-8 text."""
     if not start.startswith('FILE:'):
+        try:  # a command line that is not UTF-8 arrives with its bytes as lone surrogates, which nothing can print
+            start.encode('utf-8')
+        except UnicodeEncodeError as e:
+            raise ValueError(f"the prompt is not UTF-8 text (byte {start[e.start].encode('utf-8', 'surrogateescape')!r:.12} "
+                             f"at character {e.start}); give it in UTF-8, or as FILE:path") from None
         return start
     path = start[5:]
-    if not os.path.isfile(path):
-        raise ValueError(f"prompt file {path!r} {'is a folder' if os.path.isdir(path) else 'not found'}")
+    if os.path.isdir(path):
+        raise ValueError(f"prompt file {path!r} is a folder")
     try:
         with open(path, encoding='utf-8') as f:
             return f.read()
     except UnicodeDecodeError:
         raise ValueError(f"prompt file {path!r} is not UTF-8 text") from None
+    except OSError as e:
+        raise ValueError(f"prompt file {path!r}: {e.strerror or 'cannot be read'}") from None
 
 
 def memory_bytes():

@@ -15,7 +15,7 @@ import re
 import warnings
 import zipfile
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -50,14 +50,20 @@ ACTIVATIONS = {'gelu_tanh': lambda x: F.gelu(x, approximate='tanh'), 'gelu': F.g
 
 
 def check_config(config):
-    """One-line errors for option values a model cannot be built with."""
+    """One-line errors for option values a model cannot be built with. The types first: a config.json or a
+    checkpoint's model_args may say n_layer=3.0 or "3", which would fail deep inside torch."""
+    for f in fields(GPTConfig):
+        v = getattr(config, f.name)
+        want = {int: 'a whole number', float: 'a number', bool: 'True or False', str: 'a string'}[f.type]
+        if not (type(v) is f.type or f.type is float and type(v) is int) or f.type is float and not math.isfinite(v):
+            raise ValueError(f"{f.name}={v!r:.40} must be {want}")
     for name, ok in (('n_layer', config.n_layer >= 1), ('n_head', config.n_head >= 1), ('n_embd', config.n_embd >= 1),
                      ('vocab_size', config.vocab_size >= 1), ('block_size', config.block_size >= 1),
                      ('chunk_size', config.chunk_size >= 1), ('dropout', 0 <= config.dropout < 1),
-                     ('norm_eps', config.norm_eps > 0)):
+                     ('norm_eps', config.norm_eps > 0), ('rope_base', config.rope_base > 0)):
         if not ok:
             raise ValueError(f"{name}={getattr(config, name)} is out of range (sizes >= 1, 0 <= dropout < 1, "
-                             f"norm_eps > 0)")
+                             f"norm_eps > 0, rope_base > 0)")
     allowed = {'activation': tuple(ACTIVATIONS), 'norm': ('layernorm', 'rmsnorm'), 'norm_position': ('pre', 'post'),
                'pos_emb': ('learned', 'rope', 'none'), 'attention': ('softmax', 'linear', 'gla')}
     for name, values in allowed.items():
@@ -641,6 +647,7 @@ def top_p_filter(probs, p):
     sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
     mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # p(1)+...+p(i-1) for each i
     keep_sorted = mass_before < p
+    keep_sorted[..., 0] = True  # the most likely token always (p=1e-300 is 0 in float32, and 0 < 0 is False)
     keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
     probs = probs * keep
     return probs / probs.sum(dim=-1, keepdim=True)
@@ -656,19 +663,31 @@ def nucleus_sampling(logits, p):
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None):
     """Next token ids (B, 1) from logits (B, V): temperature 0 is greedy argmax; otherwise the logits are
-    divided by temperature, cut to the top_k largest, cut to the top_p nucleus, and sampled."""
+    cut to the top_k largest, divided by temperature, cut to the top_p nucleus, and sampled. Logits that are
+    NaN or infinite (NaN weights) stop it with a one-line ValueError, not a traceback or text from garbage."""
     if temperature == 0:
-        return torch.argmax(logits, dim=-1, keepdim=True)
-    logits = logits.float() / temperature
-    ids = None
+        choice = torch.argmax(logits, dim=-1, keepdim=True)
+        check_finite(logits.gather(-1, choice))  # (argmax takes a NaN for the largest: one NaN or inf shows here)
+        return choice
+    logits, ids = logits.float(), None
     if top_k is not None and top_k < logits.size(-1):
         # sample among the k largest directly: topk returns them sorted, so softmax and top-p work on k values
         logits, ids = torch.topk(logits, top_k, dim=-1)
+    best = logits.amax(dim=-1, keepdim=True)  # (NaN if any logit is)
+    check_finite(best)
+    # the largest logit subtracted before dividing: a tiny temperature (1e-40) then gives -inf, not inf - inf
+    logits = (logits - best) / temperature
     if top_p is not None and top_p < 1.0:
         choice = nucleus_sampling(logits, top_p)
     else:
         choice = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
     return choice if ids is None else torch.gather(ids, -1, choice)
+
+
+def check_finite(best_logits):
+    if not torch.isfinite(best_logits).all():
+        raise ValueError("the model's logits are NaN or infinite, so there is nothing to sample from: its weights "
+                         "are probably NaN or infinite (a diverged run, or a corrupt file); use another checkpoint")
 
 
 # -----------------------------------------------------------------------------
@@ -766,24 +785,33 @@ def gpt_config_from_hf(folder):
         raise FileNotFoundError(f"{folder} has no config.json; a model folder needs config.json and "
                                 f"model.safetensors (or pytorch_model.bin)")
     try:
-        with open(path) as f:
+        with open(path, encoding='utf-8') as f:
             hf = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # (RecursionError: JSON nested thousands deep)
+        raise ValueError(f"{path} is not valid JSON ({type(e).__name__}: {str(e)[:80]}); if it was downloaded, delete "
+                         f"it and run again") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path} is not a model config (a JSON object with n_layer, n_embd, ...)")
     if hf.get('model_type', 'gpt2') != 'gpt2':
         raise ValueError(f"{path}: model_type is {hf.get('model_type')!r}; only GPT-2 architecture (gpt2) loads here")
-    for k, ok in (('n_inner', (None, 4 * hf.get('n_embd', 768))), ('activation_function', tuple(HF_ACTIVATIONS)),
+    for k, ok in (('n_inner', (None, 4 * hf['n_embd'] if type(hf.get('n_embd')) is int else None)), ('activation_function', tuple(HF_ACTIVATIONS)),
                   ('scale_attn_weights', (True,)), ('scale_attn_by_inverse_layer_idx', (False,)),
                   ('tie_word_embeddings', (True,))):
         if k in hf and hf[k] not in ok:
             raise ValueError(f"{path}: {k}={hf[k]!r} is not GPT-2's architecture as model.py builds it")
     try:
-        return GPTConfig(block_size=hf['n_positions'], vocab_size=hf['vocab_size'], n_layer=hf['n_layer'],
-                         n_head=hf['n_head'], n_embd=hf['n_embd'], bias=True, dropout=0.0,
-                         norm_eps=hf.get('layer_norm_epsilon', 1e-5),
-                         activation=HF_ACTIVATIONS[hf.get('activation_function', 'gelu_new')])
+        config = GPTConfig(block_size=hf['n_positions'], vocab_size=hf['vocab_size'], n_layer=hf['n_layer'],
+                           n_head=hf['n_head'], n_embd=hf['n_embd'], bias=True, dropout=0.0,
+                           norm_eps=hf.get('layer_norm_epsilon', 1e-5),
+                           activation=HF_ACTIVATIONS[hf.get('activation_function', 'gelu_new')])
+        check_config(config)
     except KeyError as e:
         raise ValueError(f"{path} lacks {e.args[0]}, which a GPT-2 config.json has") from None
+    except ValueError as e:
+        names = dict(block_size='n_positions', norm_eps='layer_norm_epsilon')  # the file's names for them
+        msg = re.sub(r'^(\w+)=', lambda m: names.get(m[1], m[1]) + '=', str(e))
+        raise ValueError(f"{path}: {msg}") from None
+    return config
 
 
 def gpt2_from_hf_names(sd):
@@ -817,7 +845,7 @@ def load_safetensors(path):
             raise ValueError(f"{corrupt} (header says {n} bytes, file has {size}); delete it and download again")
         try:
             header = json.loads(f.read(n))
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # (RecursionError: JSON nested thousands deep)
             raise ValueError(f"{corrupt} (its JSON header does not parse); delete it and download again") from None
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     tensors = {}
@@ -828,23 +856,36 @@ def load_safetensors(path):
             dtype, shape, (begin, end) = SAFETENSORS_DTYPES[info['dtype']], list(info['shape']), info['data_offsets']
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"{corrupt} (bad header entry for {name})") from None
-        # whole non-negative numbers only, inside the data part: a negative offset would read the header
-        if not all(type(i) is int and i >= 0 for i in shape + [begin, end]) or end > size - 8 - n or \
+        # whole non-negative numbers only, inside the data part: a negative offset would read the header (and a
+        # dimension past 2**62, even of an empty tensor, no tensor can have)
+        if not all(type(i) is int and 0 <= i < 1 << 62 for i in shape + [begin, end]) or end > size - 8 - n or \
                 end - begin != math.prod(shape) * dtype.itemsize:
             raise ValueError(f"{corrupt} (its header's entry for {name} does not fit the file); delete it and "
                              f"download again")
         count = math.prod(shape)
-        tensors[name] = (torch.frombuffer(buf, dtype=dtype, count=count, offset=8 + n + begin) if count else
-                         torch.empty(0, dtype=dtype)).view(shape)
+        try:
+            tensors[name] = (torch.frombuffer(buf, dtype=dtype, count=count, offset=8 + n + begin) if count else
+                             torch.empty(0, dtype=dtype)).view(shape)
+        except RuntimeError:  # (an empty tensor whose other dimensions multiply past what torch can index)
+            raise ValueError(f"{corrupt} (its header's shape for {name}, {shape}, is no tensor's)") from None
     return tensors
 
 
 def safe_torch_load(path):
-    """torch.load that never runs code: weights_only=True allows tensors and plain data only."""
+    """torch.load that never runs code: weights_only=True allows tensors and plain data only. Nor can a small
+    file claim much memory: torch.save stores its zip entries uncompressed, so a compressed one (which could
+    inflate a few MB into GBs) is refused before loading, and so is a tensor that views more elements than its
+    storage holds (a stride-0 expansion, which the model would copy into full-size weights)."""
     try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                packed = [i.filename for i in z.infolist() if i.compress_type != zipfile.ZIP_STORED]
+            if packed:
+                raise ValueError(f"{path}: refused to load, its entry {packed[0]} is compressed, which torch.save "
+                                 f"never does (a small file could inflate to any size); save it with torch.save")
         with warnings.catch_warnings():  # old pickle protocols make torch warn; the load is safe all the same
             warnings.simplefilter('ignore')
-            return torch.load(path, map_location='cpu', weights_only=True)
+            obj = torch.load(path, map_location='cpu', weights_only=True)
     # (a pickle that would run code, or bytes that are no pickle at all: on those the weights-only unpickler
     # stops with UnpicklingError, or an IndexError or KeyError from its stack and memo)
     except (pickle.UnpicklingError, IndexError, KeyError) as e:
@@ -852,6 +893,25 @@ def safe_torch_load(path):
         what = f"it would call {culprit[1]} when unpickled (would run code)" if culprit else \
             "it is not tensors and plain data (corrupt, or a pickle of Python objects, which could run code)"
         raise ValueError(f"{path}: refused to load, {what}; only tensors and plain data load") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:  # (its existence is checked first)
+    except ValueError as e:
+        if str(e).startswith(f"{path}: refused"):
+            raise
+        raise ValueError(f"{path} is truncated or corrupt ({(str(e).splitlines() or [type(e).__name__])[0][:120]})"
+                         ) from None
+    # (lengths of 2**63 and more, nesting thousands deep, sizes past memory)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, OverflowError, RecursionError, MemoryError) as e:
         what = 'a directory' if os.path.isdir(path) else 'truncated or corrupt'
         raise ValueError(f"{path} is {what} ({(str(e).splitlines() or [type(e).__name__])[0][:120]})") from None
+    todo = [obj]
+    while todo:  # every tensor, looked at without recursion
+        x = todo.pop()
+        if isinstance(x, dict):
+            todo += x.values()
+        elif isinstance(x, (list, tuple)):
+            todo += x
+        elif isinstance(x, torch.Tensor) and x.numel() and (
+                x.untyped_storage().nbytes() < x.numel() * x.element_size() or
+                any(st == 0 and n > 1 for n, st in zip(x.shape, x.stride()))):
+            raise ValueError(f"{path}: refused to load, a tensor of shape {tuple(x.shape)} views only "
+                             f"{x.untyped_storage().nbytes():,} bytes of storage (an expanded tensor, not weights)")
+    return obj

@@ -81,18 +81,22 @@ if active_layers is not None:
     print(f"running blocks {model.layer_ids}", file=sys.stderr)
 
 t0 = time.time()
-if num_samples == 1:
-    # one sample: print each token as it comes; a character split over two tokens waits for its second half
-    utf8 = codecs.getincrementaldecoder('utf-8')(errors='replace')
-    print(start, end='', flush=True)
-    for next_id in model.generate_stream(x, max_new_tokens, temperature, top_k, top_p):
-        print(utf8.decode(tokenizer.token_bytes(next_id.item())), end='', flush=True)
-    print(utf8.decode(b'', final=True))
-    print('---------------')
-else:
-    for row in model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p).tolist():
-        print(tokenizer.decode(row))
+try:  # (a ValueError here: the model's logits are NaN or infinite, see model.sample_next_token)
+    if num_samples == 1:
+        # one sample: print each token as it comes; a character split over two tokens waits for its second half
+        utf8 = codecs.getincrementaldecoder('utf-8')(errors='replace')
+        print(start, end='', flush=True)
+        for next_id in model.generate_stream(x, max_new_tokens, temperature, top_k, top_p):
+            print(utf8.decode(tokenizer.token_bytes(next_id.item())), end='', flush=True)
+        print(utf8.decode(b'', final=True))
         print('---------------')
+    else:
+        for row in model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p).tolist():
+            print(tokenizer.decode(row))
+            print('---------------')
+except ValueError as e:
+    print(flush=True)
+    die(e)
 dt = time.time() - t0
 print(f"{num_samples} x {max_new_tokens} tokens in {dt:.2f} s ({num_samples * max_new_tokens / dt:.1f} tokens/s)",
       file=sys.stderr)

@@ -37,7 +37,7 @@ max_new_tokens = 100  # tokens per sample
 temperature = 1.0  # overfitting, sweep: the samples' temperature
 top_p = 0.95  # overfitting, sweep: the samples' p
 # overfitting and sweep: train.py runs
-base = 'config/pico_tiny.py'  # the config file every run starts from ('' for none; a relative path: here, then in this repo)
+base = 'config/pico_tiny.py'  # the config file every run starts from ('' for none; config/x.py is this repo's, ./x.py or /path/x.py yours)
 overrides = ''  # train.py settings for every run, space-separated, e.g. 'max_iters=200 eval_interval=50'
 train_tokens: tuple | int = (5000, 20000, 80000, 320000)  # overfitting: the training-set sizes (train.py's train_tokens)
 runs = 'learning_rate=1e-3;learning_rate=3e-3;learning_rate=1e-2'  # sweep: ';' between runs, ' ' between settings
@@ -117,7 +117,7 @@ def as_tuple(v):
 
 if __name__ == '__main__':
     exec(open(os.path.join(HERE, 'configurator.py')).read())
-    from load import check_output, load_model, pick_device, read_data_folder, read_prompt
+    from load import check_output, load_model, output_file, pick_device, read_data_folder, read_prompt
     from model import check_sampling_args
 
     def die(msg):
@@ -157,7 +157,7 @@ if __name__ == '__main__':
                *(f'--{s}' for s in overrides.split() + settings), f'--out_dir={run_dir}', '--overwrite=True',
                f'--device={device}', f'--seed={seed}']
         t0 = time.time()
-        with open(os.path.join(run_dir, 'train.out'), 'w') as log:
+        with output_file(os.path.join(run_dir, 'train.out')) as tmp, open(tmp, 'w') as log:
             proc = subprocess.run(cmd, stdout=log, stderr=subprocess.PIPE, text=True)
         if proc.returncode != 0:
             lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith(('overriding', 'note'))]
@@ -195,10 +195,14 @@ if __name__ == '__main__':
         die(e)
     if num_samples < 1:
         die(f"num_samples={num_samples} must be >= 1")
-    if base and not os.path.isfile(base) and os.path.isfile(os.path.join(HERE, base)):
+    # a config file is run: a bare relative name is this repo's own (never one the current folder happens to hold);
+    # a file of the user's is named as a path, ./my.py or /abs/my.py
+    given = base
+    if base and not (os.path.isabs(base) or base.startswith(('./', '../', '.' + os.sep, '..' + os.sep))):
         base = os.path.join(HERE, base)
     if base and not os.path.isfile(base):
-        die(f"base config file {base!r} not found")
+        die(f"base config file {given!r} not found" + (f" in this repo ({base}); a file of yours is named as a "
+                                                       f"path: ./{given}" if base != given else ''))
     if any(not isinstance(n, int) or n < 1 for n in train_tokens):
         die(f"train_tokens={train_tokens} must be whole numbers >= 1, comma-separated")
     run_sets = [r.split() for r in runs.split(';') if r.strip()]
@@ -314,14 +318,16 @@ if __name__ == '__main__':
         for r in rows:
             print(f"{r['settings'][:36]:<36} {r['train_loss']:7.3f} {r['val_loss']:7.3f} {r['time_s']:7.1f} "
                   f"{r['distinct_2']:7.3f} {r['self_perplexity']:9.2f}")
-        plot_runs(logs, png_path, title=f"sweep: {' '.join([os.path.basename(base), overrides]).strip()}")
+        with output_file(png_path) as tmp:
+            plot_runs(logs, tmp, title=f"sweep: {' '.join([os.path.basename(base), overrides]).strip()}")
         fig = None
         result = dict(study='sweep', base=base, overrides=overrides, rows=rows)
 
     if fig is not None:
         fig.tight_layout()
-        fig.savefig(png_path, dpi=110)
+        with output_file(png_path) as tmp:
+            fig.savefig(tmp, dpi=110)
         plt.close(fig)
-    with open(json_path, 'w') as f:
+    with output_file(json_path) as tmp, open(tmp, 'w') as f:
         json.dump(result, f, indent=1)
     print(f"wrote {json_path} and {png_path}", file=sys.stderr)

@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, replace
 
 import numpy as np
@@ -22,8 +22,8 @@ from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fast_cpu
-from load import (Tokenizer, build_model, find_data_folder, load_checkpoint, memory_bytes, merged_vocab, pick_device,
-                  read_data_folder, save_checkpoint)
+from load import (Tokenizer, append_to, build_model, claim_folder, find_data_folder, load_checkpoint, memory_bytes,
+                  merged_vocab, output_file, pick_device, read_data_folder, save_checkpoint)
 from model import GPT, GPTConfig, check_config
 from plot import plot_runs, read_log
 
@@ -131,10 +131,23 @@ if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     die(f"out_dir {out_dir!r} is a file; give a folder for the checkpoint and logs")
 if init_from == 'resume' and not os.path.exists(ckpt_path):
     die(f"init_from='resume' but {ckpt_path} does not exist")
-if init_from == 'scratch' and not overwrite and (os.path.exists(ckpt_path) or os.path.exists(log_path)):
+if int(os.environ.get('RANK', 0)) == 0:  # (under torchrun, rank 0 writes out_dir for all)
+    try:  # claimed before it is looked at: two runs started together would both find it empty
+        os.makedirs(out_dir, exist_ok=True)
+        claim_folder(out_dir, 'train.py')
+    except OSError as e:
+        die(f"cannot write into out_dir {out_dir!r} ({e.strerror})")
+    except ValueError as e:
+        die(e)
+found = [f for f in ('ckpt.pt', 'log.csv') if os.path.lexists(os.path.join(out_dir, f))]  # (a dangling link too)
+if init_from == 'scratch' and not overwrite and found:
     # nanoGPT would train over it: one forgotten --init_from=resume and the run is gone
-    die(f"out_dir {out_dir!r} holds a run already ({'ckpt.pt' if os.path.exists(ckpt_path) else 'log.csv'}); "
-        f"--init_from=resume continues it, --overwrite=True starts afresh over it, or give another --out_dir")
+    die(f"out_dir {out_dir!r} holds a run already ({found[0]}); --init_from=resume continues it, --overwrite=True "
+        f"starts afresh over it, or give another --out_dir")
+for f in ('ckpt.pt', 'log.csv', 'loss.png'):  # what the run will write: never through a link to a file elsewhere
+    if os.path.islink(os.path.join(out_dir, f)):
+        die(f"{os.path.join(out_dir, f)} is a symbolic link (to {os.readlink(os.path.join(out_dir, f))}); train.py "
+            f"writes its own files, never through a link: remove it, or give another --out_dir")
 try:
     device = pick_device(device)
 except ValueError as e:
@@ -199,7 +212,7 @@ except (OSError, ValueError) as e:
 data = dict(zip(sources, splits))
 for src in sources:
     if train_tokens is not None:  # a smaller training set; val stays whole, so the gap measures overfitting
-        data[src]['train'] = data[src]['train'][:train_tokens]
+        data[src]['train'] = data[src]['train'].head(train_tokens)
     for split, arr in data[src].items():
         if len(arr) <= block_size + 1:
             die(f"block_size={block_size} is longer than the {split} split of {src} ({len(arr)} tokens); "
@@ -232,7 +245,14 @@ def get_batch(split, g, src=None):
     for _ in range(batch_size):
         s = sources[torch.multinomial(weights, 1, generator=g).item()] if src is None else src
         i = torch.randint(len(data[s][split]) - block_size - 1, (1,), generator=g).item()
-        rows.append(tables[s][torch.from_numpy(data[s][split][i:i + block_size + 1].astype(np.int64))])
+        try:
+            window = data[s][split][i:i + block_size + 1]
+        except ValueError as e:  # the data file shrank under this run: keep what was trained, then stop
+            saved = f"saved {ckpt_path} at iteration {iter_num}; " if master and iter_num > start_iter else ''
+            if saved:
+                checkpoint_now()
+            die(f"{e}; {saved}remake the data folder, then --init_from=resume")
+        rows.append(tables[s][torch.from_numpy(window.astype(np.int64))])
     xy = torch.stack(rows)
     x, y = xy[:, :-1], xy[:, 1:]
     if device_type == 'cuda':
@@ -264,8 +284,14 @@ if init_from == 'resume':
         model, checkpoint = load_checkpoint(ckpt_path)
     except (OSError, ValueError) as e:
         die(e)
-    if model_type == 'gpt2':
-        model_args = dict(checkpoint['model_args'])
+    missing = [k for k, ok in (('optimizer', isinstance(checkpoint.get('optimizer'), dict)),
+                               ('iter_num', type(checkpoint.get('iter_num')) is int and checkpoint['iter_num'] >= 0),
+                               ('best_val_loss', 'best_val_loss' in checkpoint)) if not ok]
+    if missing:  # (a checkpoint for sampling only, as export tools and pruning write them)
+        die(f"{ckpt_path} cannot be resumed: it has no {missing[0]} (it holds weights for sampling, not a training "
+            f"run's state); train from it with a new run instead")
+    if model_type == 'gpt2':  # the architecture is the pretrained one; the run's settings are its context and dropout
+        model_args = dict(checkpoint['model_args'], block_size=block_size, dropout=dropout)
     # the settings must describe the model being resumed: name every field that differs
     mine = dict(model_type=model_type, **model_args, vocabulary=tokenizer.spec())
     theirs = dict(model_type=checkpoint.get('model_type'), **checkpoint['model_args'],
@@ -310,10 +336,15 @@ scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16' and device
 iter_num, best_val_loss, tokens_seen, time_offset = 0, float('inf'), 0, 0.0
 loss_sum, iters_since_log = 0.0, 0  # the training losses since the last log line
 if checkpoint is not None:
-    optimizer.load_state_dict(checkpoint['optimizer'])
-    iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
-    tokens_seen, time_offset = checkpoint.get('tokens_seen', 0), checkpoint.get('time_s', 0.0)
-    loss_sum, iters_since_log = checkpoint.get('log_state', [0.0, 0])
+    try:
+        optimizer.load_state_dict(checkpoint['optimizer'])
+        iter_num, best_val_loss = checkpoint['iter_num'], float(checkpoint['best_val_loss'])
+        tokens_seen, time_offset = int(checkpoint.get('tokens_seen', 0)), float(checkpoint.get('time_s', 0.0))
+        loss_sum, iters_since_log = checkpoint.get('log_state', [0.0, 0])
+        loss_sum, iters_since_log = float(loss_sum), int(iters_since_log)
+    except (ValueError, TypeError, KeyError, RuntimeError, IndexError) as e:
+        die(f"{ckpt_path}: its optimizer state or counters do not fit this run ({str(e).splitlines()[0][:100]}); "
+            f"it was not written by this train.py for this model")
     if master:
         print(f"resumed {ckpt_path} at iteration {iter_num} ({tokens_seen:,} tokens seen)")
 raw_model = model
@@ -395,8 +426,11 @@ if len(sources) > 1:
 
 
 def log_row(**row):
-    with open(log_path, 'a', newline='') as f:
-        csv.DictWriter(f, columns).writerow({k: row.get(k, '') for k in columns})
+    try:
+        with append_to(log_path) as f:
+            csv.DictWriter(f, columns).writerow({k: row.get(k, '') for k in columns})
+    except (OSError, ValueError) as e:
+        die(f"cannot write {log_path} ({getattr(e, 'strerror', None) or e})")
 
 
 def plot_losses():
@@ -405,8 +439,11 @@ def plot_losses():
     if not can_plot:
         return
     try:
-        plot_runs([(os.path.basename(os.path.normpath(out_dir)), read_log(out_dir))], os.path.join(out_dir, 'loss.png'),
-                  title=f"{model_type} in {out_dir}" + (f": {', '.join(changed)}" if changed else ''))
+        with output_file(os.path.join(out_dir, 'loss.png')) as tmp:
+            plot_runs([(os.path.basename(os.path.normpath(out_dir)), read_log(out_dir))], tmp,
+                      title=f"{model_type} in {out_dir}" + (f": {', '.join(changed)}" if changed else ''))
+    except (OSError, ValueError) as e:
+        die(f"cannot write {os.path.join(out_dir, 'loss.png')} ({getattr(e, 'strerror', None) or e})")
     except ImportError:
         can_plot = False
         print("no loss.png: matplotlib is not installed (pip install matplotlib); log.csv has every number",
@@ -422,22 +459,23 @@ changed = [f"{k}={config[k]}" for k in _config_keys if config[k] != _defaults[k]
 
 
 if master:
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        open(log_path, 'a').close()  # can the run write its log (and so its checkpoint) there?
-    except OSError as e:
-        die(f"cannot write into out_dir {out_dir!r} ({e.strerror})")
-    if init_from == 'scratch' or not os.path.getsize(log_path):
-        with open(log_path, 'w', newline='') as f:
-            csv.writer(f).writerow(columns)
-    else:  # rows past the checkpoint belong to work this run will do again (its evaluation at iter_num too)
-        with open(log_path) as f:
-            rows = [r for r in csv.DictReader(f) if int(r['iter']) < iter_num or int(r['iter']) == iter_num and
-                    not r['val_loss']]
-        with open(log_path, 'w', newline='') as f:
+    rows = []
+    if init_from == 'resume' and os.path.exists(log_path):
+        # rows past the checkpoint belong to work this run will do again (its evaluation at iter_num too)
+        with open(log_path, newline='') as f:
+            rows = list(csv.DictReader(f))
+        odd = next((i for i, r in enumerate(rows) if not (r.get('iter') or '').isdigit()), None)
+        if odd is not None:
+            die(f"{log_path}: row {odd + 2} has iter={rows[odd].get('iter')!r}, not an iteration number, so it is not "
+                f"train.py's log; fix or move the file, then resume")
+        rows = [r for r in rows if int(r['iter']) < iter_num or int(r['iter']) == iter_num and not r['val_loss']]
+    try:  # the log as this run starts it (a new file renamed over the old one: a crash now loses no row)
+        with output_file(log_path) as tmp, open(tmp, 'w', newline='') as f:
             w = csv.DictWriter(f, columns)
             w.writeheader()
             w.writerows({k: r.get(k, '') for k in columns} for r in rows)
+    except OSError as e:
+        die(f"cannot write into out_dir {out_dir!r} ({e.strerror})")
     print(f"{model_type}: {n_params / 1e6:.2f}M parameters, vocabulary: {tokenizer.describe()}; data {', '.join(sources)}; "
           f"{batch_size * block_size * gradient_accumulation_steps * world_size} tokens per iteration"
           f"{f' on {world_size} processes' if ddp else ''}; device {device}, {dtype}{' autocast' * (dtype != 'float32')}")
@@ -468,8 +506,26 @@ def stop_now():
     if not ddp:
         return stop_requested
     flag = torch.tensor([float(stop_requested)], device=device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    with peers():
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     return bool(flag.item())
+
+
+@contextmanager
+def peers():
+    """Around a collective under torchrun. When another process is gone (killed, out of memory), no collective can
+    complete: rank 0 saves the run as of its last whole step (a failed backward has changed no weight) and every
+    process leaves with one line, instead of a gloo traceback and nothing saved."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not ddp:
+            raise
+        saved = f"; saved {ckpt_path} at iteration {iter_num}" if master and iter_num > start_iter else ''
+        if saved:
+            checkpoint_now()
+        die(f"another process of this torchrun run is gone ({(str(e).splitlines() or ['?'])[0][:80]}){saved}; "
+            f"--init_from=resume continues")
 
 
 # -- the training loop (nanoGPT's) ------------------------------------------------------------------------
@@ -517,7 +573,8 @@ while True:
             _, loss = model(x, y)
             loss = loss / gradient_accumulation_steps
         loss_sum += loss.detach()
-        scaler.scale(loss).backward()
+        with peers():  # (under torchrun the last micro-batch's backward averages the gradients of all processes)
+            scaler.scale(loss).backward()
     if grad_clip:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -529,7 +586,8 @@ while True:
     tokens_seen += tokens_per_iter
     if iter_num % log_interval == 0:
         if ddp:  # the mean loss over every process's micro-batches
-            torch.distributed.all_reduce(loss_sum)
+            with peers():
+                torch.distributed.all_reduce(loss_sum)
             loss_sum /= world_size
         lossf = float(loss_sum / iters_since_log)
         if not math.isfinite(lossf):
@@ -544,5 +602,6 @@ while True:
         t_last, iters_since_log, loss_sum = time.time(), 0, 0.0
 
 if ddp:
-    torch.distributed.barrier()  # leave together: a process that tears down gloo while another still talks aborts
+    with peers():
+        torch.distributed.barrier()  # leave together: a process that tears down gloo while another still talks aborts
     destroy_process_group()

@@ -127,6 +127,10 @@ def run_script(script, *args, cwd=None, env=None, timeout=300):
                 traceback.print_exc()
                 code = 1
     finally:
+        import load
+        for fd in load._claims.values():  # the folders the script claimed, released as its exit would
+            os.close(fd)
+        load._claims.clear()
         sys.argv = saved[0]
         os.chdir(saved[1])
         signal.signal(signal.SIGINT, saved[2])

@@ -168,8 +168,10 @@ def test_an_incomplete_snapshot_in_the_hf_cache_is_downloaded_afresh(hf_tiny, tm
 
 
 def test_export_into_a_used_folder_and_back(tmp_path):
-    """Exporting a character model where a GPT-2-vocabulary one was exported leaves no GPT-2 tokenizer files
-    behind; and a folder of a character model is refused by the scripts (its ids are not GPT-2's), in one line."""
+    """Exporting into a folder that holds a model is refused without --overwrite=True; with it, a character model
+    exported where a GPT-2-vocabulary one was (beside another library's pytorch_model.bin and
+    generation_config.json) leaves none of the earlier model's files behind; and a folder of a character model is
+    refused by the scripts (its ids are not GPT-2's), in one line."""
     torch.manual_seed(0)
     args = dict(block_size=16, vocab_size=50257, n_layer=1, n_head=2, n_embd=16, norm='layernorm')
     first = checkpoint(tmp_path, GPT(GPTConfig(**args)), 'transformer', args)
@@ -179,9 +181,16 @@ def test_export_into_a_used_folder_and_back(tmp_path):
     (tmp_path / 'c').mkdir()
     second = checkpoint(tmp_path / 'c', GPT(GPTConfig(**{**args, 'vocab_size': 5})), 'transformer',
                         {**args, 'vocab_size': 5}, dict(name='char', chars=chars))
-    proc = run_script('export.py', f'--init_from={second}', f'--folder={tmp_path}/hf')
+    (tmp_path / 'hf' / 'pytorch_model.bin').write_bytes(b'an earlier model')
+    (tmp_path / 'hf' / 'generation_config.json').write_text('{}')
+    (tmp_path / 'hf' / 'notes.txt').write_text('mine')
+    before = {f: (tmp_path / 'hf' / f).read_bytes() for f in os.listdir(tmp_path / 'hf')}
+    assert_one_line_error(run_script('export.py', f'--init_from={second}', f'--folder={tmp_path}/hf'),
+                          'holds a model already', '--overwrite=True')
+    assert {f: (tmp_path / 'hf' / f).read_bytes() for f in os.listdir(tmp_path / 'hf')} == before
+    proc = run_script('export.py', f'--init_from={second}', f'--folder={tmp_path}/hf', '--overwrite=True')
     assert proc.returncode == 0, proc.stderr
-    assert sorted(os.listdir(tmp_path / 'hf')) == ['config.json', 'model.safetensors']
+    assert sorted(os.listdir(tmp_path / 'hf')) == ['config.json', 'model.safetensors', 'notes.txt']
     assert_one_line_error(run_script('sample.py', f'--init_from={tmp_path}/hf'), "vocabulary has 5 tokens",
                           "fewer than GPT-2's 50257", 'use the checkpoint it came from')
     assert_one_line_error(run_script('export.py', f'--init_from={tmp_path}/hf', f'--folder={tmp_path}/hf2'),

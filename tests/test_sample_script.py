@@ -112,7 +112,7 @@ def test_config_file_with_unknown_setting(tmp_path):
     (['--max_new_tokens=-5'], ['max_new_tokens=-5 must be in [0, 1,000,000]']),
     (['--num_samples=0'], ['num_samples=0 must be >= 1']),
     (['--dtype=float8'], ["dtype='float8' is not one of float32, bfloat16, float16"]),
-    (['--start=FILE:/no/such/prompt.txt'], ["prompt file '/no/such/prompt.txt' not found"]),
+    (['--start=FILE:/no/such/prompt.txt'], ["prompt file '/no/such/prompt.txt': No such file or directory"]),
     (['--init_from=resume', '--out_dir=/no/such/dir'], ["out_dir '/no/such/dir' does not exist"]),
     (['--init_from=/no/such/folder'], ["model folder '/no/such/folder' does not exist"]),
     (['--init_from=gpt2'], ['cannot reach http://127.0.0.1:9', '--init_from=path/to/folder']),

@@ -342,4 +342,4 @@ def test_disk_full_while_saving_keeps_the_old_checkpoint(datasets, tmp_path):
                           timeout=120)
     line = assert_one_line_error(proc, f'could not write {out}/ckpt.pt', 'it keeps the last saved state')
     assert (out / 'ckpt.pt').read_bytes() == before
-    assert sorted(os.listdir(out)) == ['ckpt.pt', 'log.csv', 'loss.png'], line
+    assert sorted(os.listdir(out)) == ['.lock', 'ckpt.pt', 'log.csv', 'loss.png'], line
