@@ -509,8 +509,10 @@ def _problem(path, filename):
         try:
             with open(path, 'rb') as f:
                 json.loads(f.read())
-        except (ValueError, RecursionError) as e:  # (UnicodeDecodeError is a ValueError)
-            return f"not JSON: {type(e).__name__} ({begins[:80]})"
+        except ValueError:  # (UnicodeDecodeError is one)
+            return f"not JSON; {begins}"
+        except RecursionError:
+            return "JSON nested too deep to read"
     elif filename.endswith('.safetensors'):
         try:
             need = _safetensors_size(path)
