@@ -109,7 +109,6 @@ def file_lock(path, patience=None, progress=None):
     of the holder's work, such as the size of its .part file) has not changed for that long."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, 'a+b') as f:
-        f.seek(0)  # (Windows locks bytes from the position: every process locks byte 0)
         t0 = t_seen = time.time()
         seen = progress() if progress else None
         said = False
@@ -142,6 +141,7 @@ def _try_lock(f):
     try:
         if os.name == 'nt':
             import msvcrt
+            f.seek(0)  # (Windows locks bytes from the file's position: every process locks byte 0)
             msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
         else:
             import fcntl
