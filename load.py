@@ -74,11 +74,15 @@ def hub_snapshot(name):
         return cached
     folder = os.path.join(cache_dir(), 'hub', repo.replace('/', '--'))
     hub_download(repo, 'config.json', folder)
-    if not any(os.path.exists(os.path.join(folder, f)) for f in ('model.safetensors', 'pytorch_model.bin')):
+    # (hub_download checks a file it finds by its format, so a cached file that is not whole is fetched again)
+    if os.path.exists(os.path.join(folder, 'model.safetensors')) or not os.path.exists(
+            os.path.join(folder, 'pytorch_model.bin')):
         try:
             hub_download(repo, 'model.safetensors', folder)
+            return folder
         except NotOnHub:  # older repos have only the PyTorch pickle
-            hub_download(repo, 'pytorch_model.bin', folder)
+            pass
+    hub_download(repo, 'pytorch_model.bin', folder)
     return folder
 
 
@@ -86,49 +90,102 @@ class NotOnHub(FileNotFoundError):
     """The server answered 401, 403 or 404 for a file: it is not there (or not for us)."""
 
 
-STALL_SECONDS, STALL_BYTES = 60, 1024  # a transfer that brings fewer than 1 KB in a minute is stalled
+STALL_SECONDS, STALL_BYTES = 60, 1024  # a transfer that brings fewer than 1 KB in a minute is stalled, and so
+# is a server whose answer (its headers) takes longer than a minute
 ATTEMPTS = 5  # attempts in a row that bring nothing new before a download gives up (progress resets the count)
+LOCK_SECONDS = 120  # a process waiting for another's download of the same file gives up when its .part has not
+# grown for this long (the other's own waits are bounded as this one's are, so it is stuck)
+# the most a file may hold when the server announces no size (config.json is ~1 KB, gpt2-xl's weights 6.4 GB,
+# TinyStories' train text 1.9 GB): a compressed body that inflates past it is cut off, not written out
+MAX_BYTES, MAX_BYTES_OTHER = {'.json': 16 << 20, '.txt': 8 << 30}, 32 << 30
 
 
 @contextlib.contextmanager
-def file_lock(path):
+def file_lock(path, patience=None, progress=None):
     """An exclusive lock on the file path (created if need be) while the block runs, so that of several
     processes wanting one download, one downloads and the others wait for it. Released when the file closes,
-    also when the process dies."""
+    also when the process dies; the holder writes its pid into the file. With patience (seconds), a process
+    that has to wait says once whose lock it waits for, and gives up (TimeoutError) when progress() (a sign
+    of the holder's work, such as the size of its .part file) has not changed for that long."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, 'a+b') as f:
+        t0 = t_seen = time.time()
+        seen = progress() if progress else None
+        said = False
+        while not _try_lock(f):
+            try:
+                f.seek(0)
+                pid = f.read(20).decode(errors='replace').strip()
+            except OSError:  # (Windows: the holder's locked byte cannot be read)
+                pid = ''
+            who = f"process {pid}" if pid.isdigit() else "another process"
+            if patience is not None and not said:
+                print(f"waiting for {who}, which holds {path}", file=sys.stderr)
+                said = True
+            now = progress() if progress else None
+            if now != seen:
+                seen, t_seen = now, time.time()
+            if patience is not None and time.time() - t_seen > patience:
+                raise TimeoutError(f"gave up waiting for {path}, which {who} holds: nothing changed in {patience} s "
+                                   f"(waited {time.time() - t0:.0f} s); if that process is stuck, end it"
+                                   f"{f' (kill {pid})' if pid.isdigit() else ''} and run again")
+            time.sleep(0.1)
+        f.seek(0)
+        f.truncate(0)
+        f.write(b'%d\n' % os.getpid())
+        f.flush()
+        yield
+
+
+def _try_lock(f):
+    try:
         if os.name == 'nt':
             import msvcrt
-            while True:
-                try:
-                    msvcrt.locking(f.fileno(), msvcrt.LK_LOCK, 1)  # waits 10 s, then raises: wait again
-                    break
-                except OSError:
-                    pass
+            f.seek(0)  # (Windows locks bytes from the file's position: every process locks byte 0)
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
         else:
             import fcntl
-            fcntl.flock(f, fcntl.LOCK_EX)
-        yield
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
 
 
 def hub_download(repo, filename, folder):
     """Download {endpoint}/{repo}/resolve/main/{filename} into folder, unless it is there already.
     - One process at a time: a lock file beside the target; a process that waited finds the file done.
     - Bytes go to a .part file as they arrive (nothing read is thrown away); a dropped connection resumes
-      with an HTTP Range request, in this call or in the next run.
+      with an HTTP Range request, in this call or in the next run, when the server answers with the range
+      asked for (another range starts the file over).
     - The file is renamed into place only when complete: as long as the server announced, with the sha256
-      the server gives (the Hub's X-Linked-Etag); a server that announces no size must have ended the
-      transfer cleanly.
-    - ATTEMPTS attempts in a row that bring no new bytes, or stall (fewer than STALL_BYTES in STALL_SECONDS),
+      the server gives (the Hub's X-Linked-Etag), and whole by its own format (_problem: JSON parses, a
+      .safetensors file is as long as its header says); a server that announces no size must have ended the
+      transfer cleanly. A file in the cache that is not whole by its format is downloaded again.
+    - Every wait has a wall-clock bound (_Deadline): an answer within STALL_SECONDS, then at least
+      STALL_BYTES of the file in every STALL_SECONDS; a compressed body may inflate to no more than the size
+      announced (else MAX_BYTES for its kind). ATTEMPTS attempts in a row that bring no new bytes, or stall,
       end it with one line (the .part stays, to resume later)."""
     path = os.path.join(folder, filename)
-    if os.path.exists(path):
+    if os.path.exists(path) and _problem(path, filename) is None:
         return path
     os.makedirs(folder, exist_ok=True)
-    with file_lock(path + '.lock'):
-        if not os.path.exists(path):  # (another process may have finished it while this one waited)
-            _download(repo, filename, path)
+    part = path + '.part'
+    with file_lock(path + '.lock', LOCK_SECONDS, lambda: (os.path.exists(path), _size(part))):
+        if os.path.exists(path):  # another process finished it while this one waited, or an old damaged file
+            problem = _problem(path, filename)
+            if problem is None:
+                return path
+            print(f"{path} is damaged ({problem}); downloading it again", file=sys.stderr)
+            os.remove(path)
+        _download(repo, filename, path)
     return path
+
+
+def _size(path):
+    try:
+        return os.path.getsize(path)
+    except OSError:  # (not there, or not yet)
+        return -1
 
 
 def _download(repo, filename, path):
@@ -136,27 +193,43 @@ def _download(repo, filename, path):
     import urllib3  # (installed with requests, which is built on it: its errors arrive unwrapped mid-body)
     endpoint = os.environ.get('HF_ENDPOINT', HF_ENDPOINT).rstrip('/')
     url = f"{endpoint}/{repo}/resolve/main/{filename}"
-    headers = {'Authorization': f"Bearer {os.environ['HF_TOKEN']}"} if os.environ.get('HF_TOKEN') else {}
+    auth = {'Authorization': f"Bearer {os.environ['HF_TOKEN']}"} if os.environ.get('HF_TOKEN') else {}
     part, name = path + '.part', f"{repo}/{filename}"
-    failures, best, why = 0, -1, ''
+    cap = MAX_BYTES.get(os.path.splitext(filename)[1], MAX_BYTES_OTHER)
+    no_answer = (f"{endpoint} did not answer within {STALL_SECONDS} s (downloading {name}); try again later, or "
+                 f"put the model's files in a folder and use --init_from=that/folder")
+    failures, best, why, resume = 0, -1, '', True
     while failures < ATTEMPTS:
-        have = os.path.getsize(part) if os.path.exists(part) else 0
+        have = os.path.getsize(part) if resume and os.path.exists(part) else 0
+        headers = {**auth, 'Accept-Encoding': 'gzip, deflate'}  # (the two that _inflate undoes)
+        if have:
+            headers['Range'] = f'bytes={have}-'
+        deadline = _Deadline(STALL_SECONDS)
+        session = _watched_session(deadline)
         try:
-            r = requests.get(url, stream=True, timeout=(10, STALL_SECONDS),
-                             headers={**headers, 'Range': f'bytes={have}-'} if have else headers)
-        except requests.Timeout:
-            raise ConnectionError(f"{endpoint} did not answer within {STALL_SECONDS} s (downloading {name}); try "
-                                  f"again later, or put the model's files in a folder and use --init_from=that/folder"
-                                  ) from None
+            r = session.get(url, stream=True, timeout=(10, STALL_SECONDS), headers=headers)
         except requests.RequestException as e:
+            session.close()
+            deadline.close()
+            if isinstance(e, requests.TooManyRedirects):
+                raise ConnectionError(f"{name}: {endpoint} redirects in a loop (more than 30 redirects); a broken "
+                                      f"mirror or proxy? check HF_ENDPOINT, or put the model's files in a folder and "
+                                      f"use --init_from=that/folder") from None
+            if deadline.expired or isinstance(e, requests.Timeout):
+                raise ConnectionError(no_answer) from None
             raise ConnectionError(f"cannot reach {endpoint} to download {name} ({type(e).__name__}); offline? put "
                                   f"config.json and model.safetensors in a folder and use --init_from=path/to/folder"
                                   ) from None
-        with r:
+        with session, r, deadline:
+            if deadline.expired:  # its headers took all the time there was (the socket is shut: the body is lost)
+                raise ConnectionError(no_answer)
             if r.status_code in (401, 403, 404):
                 hint = 'private or gated? set HF_TOKEN' if r.status_code != 404 else 'check the repo id'
                 raise NotOnHub(f"{repo}: file {filename} not found on {endpoint} (HTTP {r.status_code}; {hint})")
             if r.status_code == 416:  # our .part is as long as the file, or longer: start over
+                if not have:
+                    raise ConnectionError(f"{name}: {endpoint} answered HTTP 416 (range not satisfiable) to a request "
+                                          f"for the whole file; a broken mirror or proxy? check HF_ENDPOINT")
                 os.remove(part)
                 failures, why = failures + 1, 'the server refused to resume it'
                 continue
@@ -164,70 +237,299 @@ def _download(repo, filename, path):
                 raise ConnectionError(f"{name}: {endpoint} answered HTTP {r.status_code}")
             if r.status_code == 200:
                 have = 0  # the server sent the whole file, not the range asked for
-            size, sha256 = _hub_file_info(r, have)
-            encoded = r.headers.get('Content-Encoding', 'identity') != 'identity'  # its ranges count other bytes
+            size, sha256 = _hub_file_info(r, have, name)
+            if r.status_code == 206 and _range_start(r) != have:
+                # bytes from elsewhere in the file (or another file) cannot be appended: start over, whole
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(part)
+                failures, resume = failures + 1, False
+                why = f"the server answered a request for bytes {have}- with {r.headers.get('Content-Range')!r}"
+                continue
+            layers = _decoders(r, name)
+            encoded = bool(layers)  # its ranges count other bytes than the file's: it cannot resume
+            limit = size if size is not None else cap
+            deadline.extend()  # it answered: from here on the stall window counts
             complete, stalled, done, t0, t_print = False, False, have, time.time(), 0.0
-            window_start, window_bytes = time.time(), 0
+            window_bytes, expect = 0, None
+            # the body as it came over the wire (decode_content=False): _inflate bounds what it decodes to
             read = getattr(r.raw, 'read1', None) or (lambda n, **kw: r.raw.read(1 << 14, **kw))  # urllib3 < 2
             with open(part, 'ab' if have else 'wb') as f:
                 try:
                     # read1 returns whatever has arrived (up to 1 MB), so a connection that drops loses nothing
                     # and a trickle is seen as one
-                    while chunk := read(1 << 20, decode_content=True):
-                        f.write(chunk)
-                        done, window_bytes = done + len(chunk), window_bytes + len(chunk)
-                        if window_bytes >= STALL_BYTES:
-                            window_start, window_bytes = time.time(), 0
-                        elif time.time() - window_start > STALL_SECONDS:
-                            raise TimeoutError(f"stalled (fewer than {STALL_BYTES} bytes in {STALL_SECONDS} s)")
+                    while not deadline.expired:
+                        raw = read(1 << 20, decode_content=False)
+                        for piece in _inflate(layers, raw, name):
+                            if done + len(piece) > limit:
+                                what = 'its header gives' if expect and limit == expect else 'it announced' if \
+                                    size is not None else f"a {os.path.splitext(filename)[1] or 'such'} file may hold"
+                                raise _Refused(f"{name}: {endpoint} sent more than the {limit} bytes {what} (at "
+                                               f"least {done + len(piece)}); removed it; a broken mirror or proxy? "
+                                               f"check HF_ENDPOINT")
+                            f.write(piece)
+                            done, window_bytes = done + len(piece), window_bytes + len(piece)
+                            if window_bytes >= STALL_BYTES:
+                                deadline.extend()
+                                window_bytes = 0
+                        if expect is None and filename.endswith('.safetensors') and done >= 8:
+                            f.flush()
+                            try:
+                                expect = _safetensors_size(part)  # its header says how long it is
+                            except ValueError as e:
+                                raise _Refused(f"{name}: what {endpoint} sent is not a safetensors file ({e}); "
+                                               f"removed it; check HF_ENDPOINT, or put the model's files in a "
+                                               f"folder and use --init_from=that/folder") from None
+                            limit = min(limit, expect or limit)
                         if time.time() - t_print > 0.5 and (size or done) > 1e6:  # quiet for small files
                             t_print = time.time()
                             total = f"/{size / 1e6:.1f}" if size else ""
                             print(f"\rdownloading {name}: {done / 1e6:.1f}{total} MB, "
                                   f"{(done - have) / 1e6 / max(t_print - t0, 1e-6):.1f} MB/s", end='', file=sys.stderr,
                                   flush=True)
-                    complete = True
-                except TimeoutError as e:
-                    why, stalled = str(e), True
+                        if not raw:
+                            complete = all(d.eof for d in layers)  # a compressed stream says where it ends
+                            break
+                except _Refused as e:
+                    f.close()
+                    os.remove(part)
+                    raise ValueError(str(e)) from None
                 except (urllib3.exceptions.HTTPError, requests.RequestException, ConnectionError) as e:
                     why = f"the connection broke ({type(e).__name__})"
-        got = os.path.getsize(part)
+        got, announced = os.path.getsize(part), size is not None
+        if size is None:
+            size = expect
+        if deadline.expired and got != size:  # (the deadline shut the socket: what looked like the end was not)
+            complete, stalled = False, True
+            why = f"stalled (fewer than {STALL_BYTES} bytes in {STALL_SECONDS} s)"
         if t_print:
             print(f"\rdownloading {name}: {got / 1e6:.1f} MB{'' if complete else ', ' + why + '; resuming'}",
                   file=sys.stderr)
-        if (got == size) if size is not None else complete:
+        if complete and (got == size if size is not None else True):
+            problem = _problem(part, filename)
+            if problem is not None:
+                os.remove(part)
+                raise ValueError(f"{name}: what {endpoint} sent is not a whole {filename} ({problem}); removed it: "
+                                 f"a proxy's or Wi-Fi network's login page, or a cut transfer? run again once the "
+                                 f"network is open, or put the model's files in a folder and use --init_from=that/folder")
             if sha256 is not None and _sha256(part) != sha256:
                 os.remove(part)
                 raise ValueError(f"{name}: sha256 of the download does not match the server's; removed it, run again "
                                  f"to download it afresh")
             os.replace(part, path)
             return
-        if size is not None and got > size or encoded:
-            os.remove(part)  # longer than announced, or in an encoding whose ranges cannot resume: start over
+        if complete:
+            why = f"the server announced {size} bytes but sent {got}" if announced else \
+                f"the server ended it at {got} of the {size} bytes its header gives"
+        else:
+            why = f"{why} at {got} of {size if size is not None else 'an unknown number of'} bytes"
+        if encoded:
+            os.remove(part)  # compressed: its ranges count other bytes, so it cannot resume; start over
             got = 0
-        why = f"the server announced {size} bytes but sent {got}" if complete else \
-            f"{why} at {got} of {size if size is not None else 'an unknown number of'} bytes"
         failures, best = (0, got) if got > best and not stalled else (failures + 1, max(best, got))
     raise ConnectionError(f"{name}: {why}; {ATTEMPTS} attempts in a row brought nothing new; run again to resume")
 
 
-def _hub_file_info(r, offset):
-    """(total size, sha256 or None) of a file from the response headers. The Hub answers a resolve URL of a
-    large (LFS) file with a redirect whose X-Linked-Size / X-Linked-Etag give the size and the sha256."""
+class _Refused(Exception):
+    """A body that is not the file, found out during the transfer: its message is the one line to say."""
+
+
+class _Deadline:
+    """A wall-clock bound on every wait of one request, which requests cannot give: its timeout bounds each
+    read of the socket, so headers sent a byte a second or a chunk-size line that never ends never trip it,
+    and a gzip stream that inflates to nothing keeps the reads busy. A thread shuts the request's socket down
+    once the deadline passes (extend() moves it on, as the file arrives), so that whatever read is waiting,
+    inside requests or urllib3, ends at once; then expired is True."""
+
+    def __init__(self, seconds):
+        import threading
+        self.seconds, self.sock, self.expired, self.done = seconds, None, False, threading.Event()
+        self.extend()
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def extend(self):
+        self.at = time.monotonic() + self.seconds
+
+    def _watch(self):
+        import socket
+        while not self.done.wait(max(0.05, self.at - time.monotonic())):
+            if time.monotonic() >= self.at:
+                self.expired = True
+                if self.sock is not None:  # (None while it connects, which its own 10 s timeout bounds)
+                    with contextlib.suppress(OSError, TypeError):
+                        socket.socket.shutdown(self.sock, socket.SHUT_RDWR)  # (the fd's: also under TLS)
+                    return
+
+    def close(self):
+        self.done.set()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _watched_session(deadline):
+    """A requests Session whose connections give their socket to deadline (a _Deadline), through urllib3's
+    connection classes (connect() is where a socket is made), also through an HTTP proxy."""
+    import requests
+    import urllib3
+
+    class Watched:
+        def connect(self):
+            super().connect()
+            deadline.sock = self.sock
+
+    class HTTP(Watched, urllib3.connection.HTTPConnection):
+        pass
+
+    class HTTPS(Watched, urllib3.connection.HTTPSConnection):
+        pass
+
+    pools = {'http': type('HTTPPool', (urllib3.HTTPConnectionPool,), {'ConnectionCls': HTTP}),
+             'https': type('HTTPSPool', (urllib3.HTTPSConnectionPool,), {'ConnectionCls': HTTPS})}
+
+    class Adapter(requests.adapters.HTTPAdapter):
+        def init_poolmanager(self, *args, **kwargs):
+            super().init_poolmanager(*args, **kwargs)
+            self.poolmanager.pool_classes_by_scheme = pools
+
+        def proxy_manager_for(self, proxy, **kwargs):
+            manager = super().proxy_manager_for(proxy, **kwargs)
+            if not proxy.lower().startswith('socks'):  # (SOCKS proxies have pools of their own)
+                manager.pool_classes_by_scheme = pools
+            return manager
+
+    session = requests.Session()
+    session.mount('http://', Adapter())
+    session.mount('https://', Adapter())
+    return session
+
+
+def _decoders(r, name):
+    """One zlib decompressor per Content-Encoding of the response, the last applied (listed last) first."""
+    codings = [c.strip().lower() for c in r.headers.get('Content-Encoding', '').split(',')]
+    codings = [c for c in codings if c not in ('', 'identity')]
+    for c in codings:
+        if c not in ('gzip', 'x-gzip', 'deflate'):
+            raise ValueError(f"{name}: the server sent it in an encoding that was not asked for ({c}); a broken "
+                             f"mirror or proxy? check HF_ENDPOINT")
+    import zlib
+    return [zlib.decompressobj(32 + 15) for _ in reversed(codings)]  # (32: a gzip or a zlib header, either)
+
+
+def _inflate(layers, data, name, piece=1 << 20):
+    """The bytes that data decodes to through the zlib decompressors layers (the outermost first), at most
+    piece bytes at a time, so that a small body that inflates a thousandfold (twice, with 'gzip, gzip') is
+    never in memory whole and is cut off as it grows. b'' drains what the decompressors still hold."""
+    import zlib
+    if not layers:
+        if data:
+            yield data
+        return
+    d = layers[0]
+    while True:
+        if d.eof and (d.unused_data or data):  # gzip allows several members one after the other
+            data, d = d.unused_data + data, zlib.decompressobj(32 + 15)
+            layers[0] = d
+        try:
+            out = d.decompress(data, piece)
+        except zlib.error as e:
+            raise _Refused(f"{name}: the server's compressed body does not decode ({e}); a broken mirror or proxy? "
+                           f"check HF_ENDPOINT") from None
+        data = d.unconsumed_tail
+        yield from _inflate(layers[1:], out, name, piece)
+        if not data and len(out) < piece and not (d.eof and d.unused_data):
+            return
+
+
+def _hub_file_info(r, offset, name):
+    """(total size or None, sha256 or None) of a file from the response headers. The Hub answers a resolve URL
+    of a large (LFS) file with a redirect whose X-Linked-Size / X-Linked-Etag give the size and the sha256."""
     hdrs = [h.headers for h in r.history] + [r.headers]
     size = sha = None
     for h in hdrs:
         if size is None and h.get('X-Linked-Size'):
-            size = int(h['X-Linked-Size'])
+            size = _header_int(h, 'X-Linked-Size', name)
         for key in ('X-Linked-Etag', 'ETag'):
             tag = h.get(key, '').removeprefix('W/').strip('"')
             if sha is None and re.fullmatch(r'[0-9a-f]{64}', tag):
                 sha = tag
-    if size is None and r.headers.get('Content-Range'):  # bytes 100-999/1000
-        size = int(r.headers['Content-Range'].rsplit('/', 1)[1])
+    m = re.fullmatch(r'bytes \d+-\d+/(\d+)', r.headers.get('Content-Range', '').strip())
+    if size is None and m:  # bytes 100-999/1000 (a total of * is unknown)
+        size = int(m[1])
     if size is None and r.headers.get('Content-Length') and 'Content-Encoding' not in r.headers:
-        size = offset + int(r.headers['Content-Length'])
+        size = offset + _header_int(r.headers, 'Content-Length', name)
     return size, sha
+
+
+def _header_int(h, key, name):
+    if not re.fullmatch(r'\s*\d+\s*', h[key]):
+        raise ValueError(f"{name}: the server's {key} header is {h[key]!r}, not a size; a broken mirror or proxy? "
+                         f"check HF_ENDPOINT")
+    return int(h[key])
+
+
+def _range_start(r):
+    """Where the bytes of a 206 answer start in the file (Content-Range: bytes 100-999/1000), or None."""
+    m = re.fullmatch(r'bytes (\d+)-\d+/(\d+|\*)', r.headers.get('Content-Range', '').strip())
+    return int(m[1]) if m else None
+
+
+def _safetensors_size(path):
+    """The size a .safetensors file must have by its header (8 bytes of header length N, N bytes of JSON, then
+    the tensors: 8 + N + the end of the last), or None while fewer than 8 + N bytes are there; ValueError if
+    those bytes are no safetensors header."""
+    with open(path, 'rb') as f:
+        n = int.from_bytes(f.read(8), 'little')
+        if n > 100 << 20:  # (the format's own limit on its header)
+            raise ValueError(f"its header length {n} is not a safetensors header's")
+        head = f.read(n)
+    if len(head) < n:
+        return None
+    try:
+        header = json.loads(head)
+        ends = [info['data_offsets'][1] for k, info in header.items() if k != '__metadata__']
+        if not all(type(e) is int and e >= 0 for e in ends):
+            raise ValueError
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError, UnicodeDecodeError):
+        raise ValueError("it does not begin with a safetensors header") from None
+    return 8 + n + max(ends, default=0)
+
+
+def _problem(path, filename):
+    """Why the file at path is not a whole file of its kind by its own format, or None: JSON must parse, a
+    .safetensors file must be as long as its header says, a pytorch_model.bin (torch.save) must be a zip with
+    its directory or torch's older pickle. These checks read little; other files are not checked."""
+    size = os.path.getsize(path)
+    with open(path, 'rb') as f:
+        head = f.read(48)
+    begins = f"it begins {head.decode('utf-8', 'replace')!r}"
+    if filename.endswith('.json'):
+        try:
+            with open(path, 'rb') as f:
+                json.loads(f.read())
+        except ValueError:  # (UnicodeDecodeError is one)
+            return f"not JSON; {begins}"
+        except RecursionError:
+            return "JSON nested too deep to read"
+    elif filename.endswith('.safetensors'):
+        try:
+            need = _safetensors_size(path)
+        except ValueError as e:
+            return f"{e}; {begins}"
+        if need != size:
+            return f"its header gives {need} bytes, the file has {size}"
+    elif filename == 'pytorch_model.bin':
+        import zipfile
+        if head.startswith(b'PK'):
+            try:
+                zipfile.ZipFile(path).close()
+            except (zipfile.BadZipFile, OSError) as e:
+                return f"a cut or damaged zip ({e})"
+        elif not head.startswith(b'\x80'):  # torch's format before the zip: a pickle
+            return f"neither torch.save's zip nor its pickle; {begins}"
+    return None
 
 
 def _sha256(path):
