@@ -114,7 +114,7 @@ if bench == 'decode':
         (fast_cpu.optimize, with compile_decode when asked)."""
         name, _, extra = spec.partition('+')
         model = fast_cpu.cast(GPT.from_pretrained(folder).eval(), name, 'cpu')
-        if extra == 'compile' and not fast_cpu.compile_decode(model):
+        if extra == 'compile' and not fast_cpu.compile_decode(model, probe=False):
             return None
 
         def generate(idx, n, greedy=False):
@@ -424,7 +424,7 @@ elif bench == 'attention':
     # decoding: softmax reads a KV cache that grows with the position; linear and GLA carry a fixed-size state
     models = {k: fast_cpu.cast(GPT(GPTConfig(block_size=max(positions) + decode_tokens + 1, vocab_size=50257,
                                              attention=k)).eval(), attention_dtype, 'cpu') for k in kinds}
-    if attention_compile and not all(fast_cpu.compile_decode(m) for m in models.values()):
+    if attention_compile and not all(fast_cpu.compile_decode(m, probe=False) for m in models.values()):
         sys.exit("bench.py: error: attention_compile=True needs torch.compile (a C++ compiler)")
     print(f"decode cost per token by position: GPT-2 124M shape (12 x 768), {attention_dtype} weights"
           f"{', compiled step' if attention_compile else ''}, batch 1, "

@@ -198,14 +198,28 @@ def attention_in_float32(model):
     return model
 
 
-def compile_decode(model):
+def decode_seconds(model, tokens=6):
+    """Seconds a greedy generation of tokens takes after a one-token prompt (the best of two), the measure by
+    which compile_decode keeps or drops the compiled step on the machine it runs on."""
+    best = float('inf')
+    for _ in range(2):
+        t0 = time.perf_counter()
+        model.generate(torch.zeros(1, 1, dtype=torch.long), tokens, temperature=0)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def compile_decode(model, probe=True):
     """Compile token-by-token decoding on CPU with torch.compile (it needs a C++ compiler): each one-token step
     of a GPT (batch 1) runs as one compiled call, so the ~200 small eager kernels and dozens of dispatches a
     token become a handful of C++ loops, and every matmul of one row becomes a multiply-and-sum
     (one_row_matmul) that streams the weights once, int8 scales and biases in the same pass. Prefill, batches
     and gradients keep the model's own forward (one graph serves every position: no recompiling per prompt).
     It compiles before returning (GPT-2 124M: ~30 s the first time, 11-13 s once inductor has cached it).
-    Returns False, with a one-line note on stderr, if compiling is not possible here."""
+    Returns False, with a one-line note on stderr, if compiling is not possible here, or (probe) if the
+    compiled step decodes slower than the eager one on this CPU, timed alternately for a moment
+    (decode_seconds): kernels that win on one ISA lose on another (README "Speed"), so the choice is measured
+    where it runs, and compile=True is never slower than compile=False."""
     if 'forward' in vars(model):  # compiled already
         return True
     eager = model.forward
@@ -232,4 +246,18 @@ def compile_decode(model):
         print(f"compile_decode: torch.compile is not available here ({type(e).__name__}); decoding runs "
               f"uncompiled", file=sys.stderr)
         return False
+    if probe:
+        times = {'compiled': [], 'eager': []}
+        for _ in range(2):  # alternately, so that a change of load falls on both
+            times['compiled'].append(decode_seconds(model))
+            model.forward = eager
+            times['eager'].append(decode_seconds(model))
+            model.forward = forward
+        compiled, plain = min(times['compiled']), min(times['eager'])
+        if compiled >= plain:
+            del model.forward
+            print(f"compile_decode: the compiled step is slower on this CPU ({torch.backends.cpu.get_cpu_capability()}"
+                  f": {compiled * 1e3:.0f} vs {plain * 1e3:.0f} ms for a few tokens); decoding runs uncompiled",
+                  file=sys.stderr)
+            return False
     return True

@@ -1,6 +1,7 @@
 """Half-precision weights and the fast CPU inference paths: same answers as float32, every loader and
 active_layers still working after .to(dtype), and the compiled decoding step with its fallback."""
 import copy
+import inspect
 
 import pytest
 import torch
@@ -83,7 +84,7 @@ def test_compile_decode_generates_the_same_tokens(hf_tiny):
     ref = model.generate(idx, 40, temperature=0)  # past block_size (32): the cache is refilled
     torch._dynamo.reset()  # (no graph of an earlier test's model to reuse: the count below starts clean)
     graphs = torch._dynamo.utils.counters['stats']['unique_graphs']
-    assert fast_cpu.compile_decode(model), "torch.compile failed: is a C++ compiler installed?"
+    assert fast_cpu.compile_decode(model, probe=False), "torch.compile failed: is a C++ compiler installed?"
     assert torch._dynamo.utils.counters['stats']['unique_graphs'] == graphs + 1  # the step, compiled once
     graphs += 1
     assert torch.equal(model.generate(idx, 40, temperature=0), ref)
@@ -109,7 +110,7 @@ def test_compile_decode_works_for_every_attention_kind(attention, pos_emb):
     fast_cpu.optimize(model)
     idx = torch.randint(0, 97, (1, 5))
     ref = model.generate(idx, 30, temperature=0)
-    assert fast_cpu.compile_decode(model), "torch.compile failed: is a C++ compiler installed?"
+    assert fast_cpu.compile_decode(model, probe=False), "torch.compile failed: is a C++ compiler installed?"
     assert torch.equal(model.generate(idx, 30, temperature=0), ref)
 
 
@@ -126,6 +127,25 @@ def test_compile_decode_falls_back_without_a_compiler(hf_tiny, monkeypatch, caps
     monkeypatch.setattr(fast_cpu.torch, 'compile', no_compiler)
     assert fast_cpu.compile_decode(model) is False
     assert 'torch.compile is not available here (RuntimeError); decoding runs uncompiled' in capsys.readouterr().err
+    assert torch.equal(model.generate(idx, 10, temperature=0), ref)
+
+
+@pytest.mark.parametrize('compiled_ms,eager_ms,kept', [(30, 10, False), (10, 30, True)])
+def test_compile_decode_keeps_the_compiled_step_only_where_it_is_faster(hf_tiny, monkeypatch, capsys, compiled_ms,
+                                                                        eager_ms, kept):
+    """The probe times the compiled and the eager step on this machine; told (here, by an injected timing) that
+    the compiled one is slower, it keeps eager decoding and says so in one line."""
+    folder, _ = hf_tiny
+    model = fast_cpu.optimize(GPT.from_pretrained(folder).eval())
+    idx = torch.randint(0, 50257, (1, 6))
+    ref = model.generate(idx, 10, temperature=0)
+    # (the eager step is the model's own method; the compiled one is compile_decode's function)
+    monkeypatch.setattr(fast_cpu, 'decode_seconds', lambda m: (eager_ms if inspect.ismethod(m.forward) else
+                                                               compiled_ms) / 1e3)
+    assert fast_cpu.compile_decode(model) is kept
+    err = capsys.readouterr().err
+    assert ('the compiled step is slower on this CPU' in err and 'decoding runs uncompiled' in err) is not kept, err
+    assert ('forward' in vars(model)) is kept
     assert torch.equal(model.generate(idx, 10, temperature=0), ref)
 
 
@@ -190,7 +210,7 @@ def test_int8_kv_cache_greedy_equals_recompute_and_compiled(hf_tiny, monkeypatch
             model.setup_cache(None, None)
         return logits
     eager = second_token_logits()
-    assert fast_cpu.compile_decode(model), "torch.compile failed: is a C++ compiler installed?"
+    assert fast_cpu.compile_decode(model, probe=False), "torch.compile failed: is a C++ compiler installed?"
     # the compiled one-row matmul takes float32 activations, the int8 kernel bfloat16 ones
     assert rel_err(second_token_logits(), eager) < 1e-2
 
