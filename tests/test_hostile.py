@@ -67,6 +67,9 @@ def bad(tmp_path_factory, hf_tiny):
     save_ckpt(root / 'model_type.pt', model_type=['gpt'])
     torch.save({'model': sd, 'model_args': {**ARGS, 'pos_emb': 'rope', 'rope_base': 0.0}}, root / 'rope0.pt')
     torch.save({'model': sd, 'model_args': {**ARGS, 'n_layer': 1.0}}, root / 'float_layers.pt')
+    rope = {**ARGS, 'pos_emb': 'rope'}
+    torch.save({'model': GPT(GPTConfig(**rope)).state_dict(), 'model_args': {**rope, 'block_size': 10 ** 12}},
+               root / 'rope_long.pt')  # (RoPE's tables for 10**12 positions: weights that fit, buffers that cannot)
     deep = '[' * 100000 + ']' * 100000
     for name, config in (('deep', deep), ('list', '[]'), ('null', 'null'), ('float_layers', {'n_layer': 3.0}),
                          ('float_embd', {'n_embd': 32.0}), ('str_layers', {'n_layer': '3'}),
@@ -111,6 +114,7 @@ CASES = [
     ('sample.py', ['--init_from={root}/nan.pt'], ['weight tensors are NaN or infinite', 'use an earlier checkpoint']),
     ('sample.py', ['--init_from={root}/rope0.pt'], ['rope_base=0.0 is out of range']),
     ('sample.py', ['--init_from={root}/float_layers.pt'], ['n_layer=1.0 must be a whole number']),
+    ('sample.py', ['--init_from={root}/rope_long.pt'], ['this GPT needs', 'GB for its weights and buffers alone']),
     ('sample.py', ['--init_from={root}/layer_ids.pt'], ['layer_ids=5 is not a list']),
     ('sample.py', ['--init_from={root}/model_type.pt'], ["model_type=['gpt'] is not one of"]),
     ('sample.py', ['--init_from={root}/deep'], ['config.json is not valid JSON', 'RecursionError']),
