@@ -647,8 +647,8 @@ def build_model(model_type, model_args, weights=None, where='model_args'):
     # it is allocated: past that, Linux lets the allocation succeed and kills the process later
     need = sum(t.numel() * t.element_size() for t in [*meta.parameters(), *meta.buffers()])
     if memory_bytes() and need > 0.8 * memory_bytes():
-        raise ValueError(f"{where}: this {cls.__name__} needs {need / 1e9:.1f} GB for its weights and buffers alone, and this "
-                         f"machine has {memory_bytes() / 1e9:.1f} GB")
+        raise ValueError(f"{where}: this {cls.__name__} needs {need / 1e9:.1f} GB for its weights and buffers alone, "
+                         f"and this machine has {memory_bytes() / 1e9:.1f} GB")
     return make()
 
 

@@ -794,7 +794,8 @@ def gpt_config_from_hf(folder):
         raise ValueError(f"{path} is not a model config (a JSON object with n_layer, n_embd, ...)")
     if hf.get('model_type', 'gpt2') != 'gpt2':
         raise ValueError(f"{path}: model_type is {hf.get('model_type')!r}; only GPT-2 architecture (gpt2) loads here")
-    for k, ok in (('n_inner', (None, 4 * hf['n_embd'] if type(hf.get('n_embd')) is int else None)), ('activation_function', tuple(HF_ACTIVATIONS)),
+    n_inner = (None, 4 * hf['n_embd'] if type(hf.get('n_embd')) is int else None)  # (check_config checks n_embd)
+    for k, ok in (('n_inner', n_inner), ('activation_function', tuple(HF_ACTIVATIONS)),
                   ('scale_attn_weights', (True,)), ('scale_attn_by_inverse_layer_idx', (False,)),
                   ('tie_word_embeddings', (True,))):
         if k in hf and hf[k] not in ok:
