@@ -171,7 +171,7 @@ def _configure(g):
             ns = {k: g[k] for k in settings}  # a config file may read the current settings
             try:
                 with open(arg, 'rb') as f:
-                    src = f.read().decode('utf-8')
+                    src = f.read().decode('utf-8-sig')  # (-sig: Windows editors may begin a file with a BOM)
             except UnicodeDecodeError as e:
                 die(f"config file {arg!r} is not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset {e.start})")
             except OSError as e:

@@ -241,6 +241,9 @@ def compile_decode(model, probe=True):
     model.forward = forward
     try:  # compile now, so that a missing compiler shows here (greedy: no random numbers drawn)
         model.generate(torch.zeros(1, 1, dtype=torch.long), 3, temperature=0)
+    except ValueError:  # (the model's own one-line error: its logits are NaN)
+        del model.forward
+        raise
     except Exception as e:  # no C++ compiler, or no inductor for this platform
         del model.forward
         print(f"compile_decode: torch.compile is not available here ({type(e).__name__}); decoding runs "

@@ -573,7 +573,8 @@ def append_to(path):
     check and the open one step, so a link made in between is refused too."""
     refuse_link(path)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, 'O_NOFOLLOW', 0), 0o666)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, 'O_NOFOLLOW', 0) |
+                     getattr(os, 'O_BINARY', 0), 0o666)  # (binary: csv writes its own line ends, on Windows too)
     except OSError:
         refuse_link(path)  # (a link made since the check above)
         raise
@@ -587,9 +588,11 @@ def claim_folder(folder, what):
     """Claim folder for this process (until it exits) with an exclusive lock on folder/.lock that records its pid,
     so that two runs started together can never both write it: the second gets ValueError naming the first.
     The kernel drops the lock when the process ends, however it ends, so a crash leaves nothing to clean up."""
+    if os.path.realpath(folder) in _claims:  # (a script run again in this process: a notebook's %run)
+        return
     path = os.path.join(folder, '.lock')
     refuse_link(path)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, 'O_NOFOLLOW', 0), 0o666)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, 'O_NOFOLLOW', 0) | getattr(os, 'O_BINARY', 0), 0o666)
     try:
         if os.name == 'nt':
             import msvcrt
@@ -1047,7 +1050,9 @@ class TokenFile:
         return TokenFile(self.path, min(n, self.n))
 
     def __getitem__(self, s):
-        start, stop, step = s.indices(self.n)  # (slices only, as the scripts take windows)
+        start, stop, step = s.indices(self.n)
+        if step != 1:
+            raise IndexError("a TokenFile is read in windows: ids[a:b], no step")
         count = max(0, stop - start)
         self.f.seek(2 * start)
         raw = self.f.read(2 * count)

@@ -62,7 +62,10 @@ except (OSError, ValueError) as e:
     die(e)
 fast_cpu.cast(model.eval(), dtype, device)  # (int8: weights per output channel, float32 activations)
 if device == 'cpu' and compile and isinstance(model, GPT):
-    fast_cpu.compile_decode(model)  # a CPU compiles GPT's one-token step only (prefill: library kernels)
+    try:
+        fast_cpu.compile_decode(model)  # a CPU compiles GPT's one-token step only (prefill: library kernels)
+    except ValueError as e:  # (its logits are NaN: see model.sample_next_token)
+        die(e)
 if compile and not (device == 'cpu' and isinstance(model, GPT)):
     model.compile()
 

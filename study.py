@@ -117,7 +117,7 @@ def as_tuple(v):
 
 if __name__ == '__main__':
     exec(open(os.path.join(HERE, 'configurator.py')).read())
-    from load import check_output, load_model, output_file, pick_device, read_data_folder, read_prompt
+    from load import check_output, load_model, output_file, pick_device, read_data_folder, read_prompt, refuse_link
     from model import check_sampling_args
 
     def die(msg):
@@ -157,7 +157,8 @@ if __name__ == '__main__':
                *(f'--{s}' for s in overrides.split() + settings), f'--out_dir={run_dir}', '--overwrite=True',
                f'--device={device}', f'--seed={seed}']
         t0 = time.time()
-        with output_file(os.path.join(run_dir, 'train.out')) as tmp, open(tmp, 'w') as log:
+        refuse_link(os.path.join(run_dir, 'train.out'))  # (written as the run goes, to watch; never through a link)
+        with open(os.path.join(run_dir, 'train.out'), 'w') as log:
             proc = subprocess.run(cmd, stdout=log, stderr=subprocess.PIPE, text=True)
         if proc.returncode != 0:
             lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith(('overriding', 'note'))]

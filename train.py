@@ -298,7 +298,11 @@ if init_from == 'resume':
                   vocabulary=checkpoint.get('tokenizer') or dict(name='gpt2', id_map=None))
     diff = [k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
     if diff:
-        shown = ', '.join(f"vocabulary ({Tokenizer.from_spec(theirs[k]).describe()}; the data's: {tokenizer.describe()})"
+        try:
+            theirs['vocabulary'] = Tokenizer.from_spec(theirs['vocabulary']).describe()
+        except ValueError as e:
+            die(f"{ckpt_path}: {e}")
+        shown = ', '.join(f"vocabulary ({theirs[k]}; the data's: {tokenizer.describe()})"
                           if k == 'vocabulary' else f"{k}={theirs.get(k)!r} (settings: {mine.get(k)!r})" for k in diff)
         die(f"{ckpt_path} was trained with another architecture or vocabulary: {shown}; resume with the settings "
             f"(config file) it was trained with")
@@ -442,8 +446,10 @@ def plot_losses():
         with output_file(os.path.join(out_dir, 'loss.png')) as tmp:
             plot_runs([(os.path.basename(os.path.normpath(out_dir)), read_log(out_dir))], tmp,
                       title=f"{model_type} in {out_dir}" + (f": {', '.join(changed)}" if changed else ''))
-    except (OSError, ValueError) as e:
-        die(f"cannot write {os.path.join(out_dir, 'loss.png')} ({getattr(e, 'strerror', None) or e})")
+    except (OSError, ValueError) as e:  # (a figure is not worth the run: log.csv has every number)
+        can_plot = False
+        print(f"no more loss.png: cannot write {os.path.join(out_dir, 'loss.png')} "
+              f"({getattr(e, 'strerror', None) or e}); log.csv has every number", file=sys.stderr)
     except ImportError:
         can_plot = False
         print("no loss.png: matplotlib is not installed (pip install matplotlib); log.csv has every number",
@@ -518,8 +524,9 @@ def peers():
     process leaves with one line, instead of a gloo traceback and nothing saved."""
     try:
         yield
-    except RuntimeError as e:
-        if not ddp:
+    except RuntimeError as e:  # (gloo's 'Connection closed by peer' and the like; NCCL's watchdog aborts instead)
+        if not ddp or isinstance(e, torch.OutOfMemoryError) or not isinstance(e, getattr(torch.distributed, 'DistError', ())) and \
+                'peer' not in str(e).lower():
             raise
         saved = f"; saved {ckpt_path} at iteration {iter_num}" if master and iter_num > start_iter else ''
         if saved:
@@ -569,11 +576,13 @@ while True:
         torch.manual_seed(seed_of('dropout', iter_num, step))
         if ddp:  # average the gradients across processes only after the last micro-batch
             model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
-        with ctx:
-            _, loss = model(x, y)
-            loss = loss / gradient_accumulation_steps
-        loss_sum += loss.detach()
-        with peers():  # (under torchrun the last micro-batch's backward averages the gradients of all processes)
+        # (under torchrun DDP's forward broadcasts buffers such as RoPE's tables, and the last micro-batch's
+        # backward averages the gradients of all processes)
+        with peers():
+            with ctx:
+                _, loss = model(x, y)
+                loss = loss / gradient_accumulation_steps
+            loss_sum += loss.detach()
             scaler.scale(loss).backward()
     if grad_clip:
         scaler.unscale_(optimizer)
