@@ -4,7 +4,7 @@ Benchmarks: our code against a reference, on the same weights, in one process, a
     python bench.py --bench=decode --engines_list=float32,ctranslate2-float32 --new_tokens=100
     python bench.py --bench=decode --greedy=True --prompt_len=1   # as llama-bench's generation test: no sampling, no prompt
     python bench.py --bench=train       # training steps/s of our GPT vs a plain nanoGPT-equivalent model
-    python bench.py --bench=attention   # softmax vs linear vs GLA: decode cost at positions 100-4000, training speed
+    python bench.py --bench=attention   # softmax, linear, GLA, DeltaNet, Gated DeltaNet: decode cost at positions 100-4000, training speed
 Figures go in README.md with the machine they were measured on.
 """
 import json
@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 import fast_cpu
 from load import DATA, GPT2_BPE_FILES
-from model import GPT, GPTConfig, TransformerModel
+from model import ATTENTION_KINDS, GPT, GPTConfig, TransformerModel
 
 # -----------------------------------------------------------------------------
 bench = 'decode'  # 'decode' (vs transformers, CTranslate2), 'train' (vs nanoGPT's math) or 'attention' (kinds)
@@ -52,9 +52,12 @@ train_rounds = 5  # processes, one after another, each timing every model; ratio
 # bench='attention': a GPT-2 124M-shaped model of each attention kind
 positions: tuple | int = (100, 1000, 4000)  # decode cost per token measured at these positions
 decode_tokens = 32  # tokens decoded (and timed) at each position
-attention_kinds = 'softmax,linear,gla'  # the kinds compared
+attention_kinds = 'softmax,linear,gla,deltanet,gated_deltanet'  # the kinds compared (the first is the training ratios' reference)
 attention_dtype = 'float32'  # the decoding models' weights (fast_cpu.DTYPES: 'int8' quantizes them)
 attention_compile = False  # the decoding models with fast_cpu.compile_decode (the compiled one-token step)
+attention_train = True  # also time training at block_size 1,024 (study.py --study=attention skips it)
+attention_n_layer = 12  # the decoding models' depth and width (GPT-2 124M's; heads of 64; smaller for quick checks)
+attention_n_embd = 768
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 torch.set_num_threads(threads)
@@ -420,13 +423,19 @@ elif bench == 'train':
             json.dump(train_figures, f)
 elif bench == 'attention':
     kinds = [k.strip() for k in attention_kinds.split(',')]
+    if any(k not in ATTENTION_KINDS for k in kinds):
+        sys.exit(f"bench.py: error: attention_kinds={attention_kinds!r}: each must be one of {', '.join(ATTENTION_KINDS)}")
     positions = (positions,) if isinstance(positions, int) else tuple(positions)
-    # decoding: softmax reads a KV cache that grows with the position; linear and GLA carry a fixed-size state
+    # decoding: softmax reads a KV cache that grows with the position; the linear family carries a fixed-size state
     models = {k: fast_cpu.cast(GPT(GPTConfig(block_size=max(positions) + decode_tokens + 1, vocab_size=50257,
-                                             attention=k)).eval(), attention_dtype, 'cpu') for k in kinds}
+                                             n_layer=attention_n_layer, n_embd=attention_n_embd,
+                                             n_head=max(1, attention_n_embd // 64), attention=k)).eval(),
+                            attention_dtype, 'cpu') for k in kinds}
     if attention_compile and not all(fast_cpu.compile_decode(m, probe=False) for m in models.values()):
         sys.exit("bench.py: error: attention_compile=True needs torch.compile (a C++ compiler)")
-    print(f"decode cost per token by position: GPT-2 124M shape (12 x 768), {attention_dtype} weights"
+    print(f"decode cost per token by position: {attention_n_layer} x {attention_n_embd}"
+          f"{' (GPT-2 124M shape)' if (attention_n_layer, attention_n_embd) == (12, 768) else ''}, "
+          f"{attention_dtype} weights"
           f"{', compiled step' if attention_compile else ''}, batch 1, "
           f"top_k={top_k}, {threads} threads, {torch.backends.cpu.get_cpu_capability()}, median of {repeats}")
     g = torch.Generator().manual_seed(seed)
@@ -444,14 +453,22 @@ elif bench == 'attention':
     first, last = positions[0], positions[-1]
     print("  time per token at position %d relative to %d: " % (last, first) +
           ", ".join(f"{k} {rows[first][k] / rows[last][k]:.2f}x" for k in kinds))
+    figures = dict(machine=torch.backends.cpu.get_cpu_capability(), threads=threads, decode_tokens=decode_tokens,
+                   shape=f"{attention_n_layer} x {attention_n_embd}",
+                   decode_tok_s={str(p): r for p, r in rows.items()})
     # training throughput at block_size 1024, config/pico_tiny.py's width (forward + backward + AdamW)
     B, T = 2, 1024
     batch = (torch.randint(0, 6722, (B, T), generator=g), torch.randint(0, 6722, (B, T), generator=g))
     train_models = {k: GPT(GPTConfig(block_size=T, vocab_size=6722, n_layer=4, n_head=4, n_embd=128, bias=False,
                                      norm='rmsnorm', attention=k)) for k in kinds}
-    times = training_times(train_models, [batch] * 3)
-    tps = {k: 3 * B * T / statistics.median(times[k]) for k in kinds}
-    print(f"training, block_size {T}, batch {B}, 4 layers x 128, vocabulary 6722: " +
-          ", ".join(f"{k} {tps[k]:,.0f} tokens/s ({tps[k] / tps[kinds[0]]:.2f}x)" for k in kinds))
+    if attention_train:
+        times = training_times(train_models, [batch] * 3)
+        tps = {k: 3 * B * T / statistics.median(times[k]) for k in kinds}
+        print(f"training, block_size {T}, batch {B}, 4 layers x 128, vocabulary 6722: " +
+              ", ".join(f"{k} {tps[k]:,.0f} tokens/s ({tps[k] / tps[kinds[0]]:.2f}x)" for k in kinds))
+        figures['train_tok_s'] = tps
+    if json_out:
+        with open(json_out, 'w') as f:
+            json.dump(figures, f)
 else:
     sys.exit(f"bench.py: error: bench={bench!r} is not one of: decode, train, attention")

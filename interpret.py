@@ -3,8 +3,8 @@ Look inside a model: every head's attention pattern for a prompt, and a sparse a
     python interpret.py --init_from=gpt2 --prompt="The cat sat on the mat because it was tired."
     python interpret.py --init_from=resume --out_dir=out-pico-tiny --sae=True --sae_html=features.html
 Attention maps: one figure of layers x heads, each the (T x T) causal matrix that mixes the values (softmax's
-probabilities; for linear and gated linear attention, their equivalent weights, see
-CausalSelfAttention.weights).
+probabilities; for the linear family (linear, GLA, DeltaNet, Gated DeltaNet), their equivalent weights, see
+attention_weights).
 Sparse autoencoder (Bricken et al. 2023, "Towards Monosemanticity", transformer-circuits.pub): a wide ReLU
 layer trained to rebuild one layer's activations from few active features, x_hat = W_dec relu(W_enc (x - b_dec)
 + b_enc) + b_dec, with an L1 penalty on the features and unit-norm decoder columns.
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 import fast_cpu
 from load import check_output, find_data_folder, load_model, pick_device, read_data_folder
-from model import GPT, CausalSelfAttention, LSTMSeqModel, apply_rope, gated_scores
+from model import GPT, CausalSelfAttention, LSTMSeqModel, apply_rope, delta_rule_chunked, gated_scores
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # 'resume', a .pt file, a GPT-2 name, a Hub repo id, or a local folder (as in sample.py)
@@ -106,13 +106,18 @@ def attention_weights(attn, x, rope=None):
     - softmax attention: its probabilities, softmax(q k^T / sqrt(d)) under the causal mask;
     - linear attention: phi(q_t) . phi(k_s), rotated by RoPE, over the normalizer phi(q_t) . sum_s phi(k_s)
       (not rotated; RoFormer eq. 19): rows sum to 1 without RoPE;
-    - GLA: q_t . (decay * k_s), which multiplies v before the head norm and output gate; it has signs."""
+    - GLA: q_t . (decay * k_s), which multiplies v before the head norm and output gate; it has signs;
+    - DeltaNet, Gated DeltaNet: the matrix W with o = W v that the delta rule's unrolled form gives
+      (delta_rule_chunked with one chunk: the decayed scores times the UT transform times b); it has signs."""
     if isinstance(attn, CausalSelfAttention):
         q, k, _ = attn.qkv(x, rope)
         future = torch.full((q.size(2), q.size(2)), float('-inf'), device=x.device).triu(1)  # the causal mask
         return ((q @ k.transpose(-1, -2)) / math.sqrt(q.size(-1)) + future).softmax(dim=-1)
     q, k, _ = attn.qkv(x)
     rq, rk = (q, k) if rope is None else (apply_rope(q, *rope), apply_rope(k, *rope))
+    if attn.delta:  # the output is linear in the values: the outputs for identity values are the weights
+        eye = torch.eye(q.size(2), dtype=q.dtype, device=q.device).expand(*q.shape[:2], -1, -1)
+        return delta_rule_chunked(rq, rk, eye, attn.beta(x), attn.log_decay(x) if attn.gated else None, q.size(2))[0]
     if attn.gated:
         return gated_scores(rq, rk, attn.log_decay(x).cumsum(dim=2))
     return (rq @ rk.transpose(-1, -2)).tril() / (q @ k.transpose(-1, -2)).tril().sum(dim=-1, keepdim=True)

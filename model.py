@@ -39,9 +39,19 @@ class GPTConfig:
     norm: str = 'layernorm'  # 'layernorm' (GPT-2) or 'rmsnorm' (the course's Transformer, Llama)
     norm_position: str = 'pre'  # 'pre' (GPT-2: normalize each sub-layer's input) or 'post' (the 2017 Transformer)
     pos_emb: str = 'learned'  # 'learned' (GPT-2), 'rope' (rotary) or 'none' (NoPE: causal masking alone)
-    attention: str = 'softmax'  # 'softmax', 'linear' (elu+1 feature map) or 'gla' (gated linear attention)
+    attention: str = 'softmax'  # 'softmax', 'linear' (elu+1 feature map), 'gla' (gated linear attention),
+    # 'deltanet' (the delta rule) or 'gated_deltanet' (the delta rule with a forget gate)
     rope_base: float = 10000.0  # RoPE's base wavelength
-    chunk_size: int = 16  # linear / gla: chunk length of the chunkwise-parallel form (16 trains GLA fastest here)
+    chunk_size: int = 16  # the linear family: chunk length of the chunkwise-parallel form (16 trains GLA fastest here)
+
+
+ATTENTION_KINDS = ('softmax', 'linear', 'gla', 'deltanet', 'gated_deltanet')
+HALF_KEYS = ('gla', 'deltanet', 'gated_deltanet')  # kinds whose keys are half the head size (see LinearAttention)
+
+
+def key_size(config):
+    """Size of a head's queries and keys: the head size, or half of it for the kinds in HALF_KEYS."""
+    return config.n_embd // config.n_head // (2 if config.attention in HALF_KEYS else 1)
 
 
 # GPT-2 took the tanh approximation because erf was slow on 2018 accelerators; on today's CPUs PyTorch's exact
@@ -65,15 +75,15 @@ def check_config(config):
             raise ValueError(f"{name}={getattr(config, name)} is out of range (sizes >= 1, 0 <= dropout < 1, "
                              f"norm_eps > 0, rope_base > 0)")
     allowed = {'activation': tuple(ACTIVATIONS), 'norm': ('layernorm', 'rmsnorm'), 'norm_position': ('pre', 'post'),
-               'pos_emb': ('learned', 'rope', 'none'), 'attention': ('softmax', 'linear', 'gla')}
+               'pos_emb': ('learned', 'rope', 'none'), 'attention': ATTENTION_KINDS}
     for name, values in allowed.items():
         if getattr(config, name) not in values:
             raise ValueError(f"{name}={getattr(config, name)!r} is not one of: {', '.join(values)}")
     if config.n_embd % config.n_head:
         raise ValueError(f"n_embd={config.n_embd} must be a multiple of n_head={config.n_head}")
     head = config.n_embd // config.n_head
-    if config.attention == 'gla' and head % (4 if config.pos_emb == 'rope' else 2):
-        raise ValueError(f"attention='gla' halves the head size ({head}) for keys; it must be even "
+    if config.attention in HALF_KEYS and head % (4 if config.pos_emb == 'rope' else 2):
+        raise ValueError(f"attention={config.attention!r} halves the head size ({head}) for keys; it must be even "
                          f"(a multiple of 4 with pos_emb='rope')")
     if config.pos_emb == 'rope' and head % 2:
         raise ValueError(f"pos_emb='rope' rotates pairs of dimensions: the head size ({head}) must be even")
@@ -119,6 +129,11 @@ def apply_rope(x, cos, sin):
     x1, x2 = x[..., :d], x[..., d:]
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+def at_least_float32(x):
+    """x in float32 if it is in half precision, else as it is (float64 stays float64)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def heads(x, n_head):
@@ -243,6 +258,69 @@ def linear_attention_chunked(q, k, v, log_decay=None, chunk_size=64, state=None)
     return o.reshape(B, H, -1, dv)[:, :, :T], S
 
 
+def delta_rule_recurrent(q, k, v, beta, log_decay=None, state=None):
+    """The (gated) delta rule, one token at a time. With S_t (dk x dv) the state after token t:
+        S_t = a_t (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T,    o_t = S_t^T q_t
+    Gated DeltaNet (Yang, Kautz & Hatamizadeh 2024, arXiv 2412.06464, section 3.1, the gated delta rule, in our
+    orientation: their S is our S^T). k_t^T S_{t-1} is what the state recalls for key k_t; the update replaces
+    the fraction b_t of it by v_t (S_{t-1} + b_t k_t (v_t - S_{t-1}^T k_t)^T) instead of adding v_t on top, as
+    linear attention does: with unit-norm keys, writing a key twice overwrites, it does not blur. a_t = 1 is
+    DeltaNet (Schlag et al. 2021, arXiv 2102.11174; Yang et al. 2024, arXiv 2406.06484); a_t < 1 forgets the
+    whole state a little, as Mamba-2 does. q, k: (B, H, T, dk), unit norm; v: (B, H, T, dv); beta and
+    log_decay = log a: (B, H, T, 1), or log_decay None. Returns (o, state)."""
+    B, H, T, dk = q.shape
+    if state is None:
+        state = q.new_zeros(B, H, dk, v.size(-1))
+    out = []
+    for t in range(T):
+        k_t, b_t = k[:, :, t, :, None], beta[:, :, t, :, None]  # (B, H, dk, 1), (B, H, 1, 1)
+        state = state - b_t * k_t @ (k_t.transpose(-1, -2) @ state)  # (I - b_t k_t k_t^T) S_{t-1}
+        if log_decay is not None:
+            state = log_decay[:, :, t, :, None].exp() * state
+        state = state + b_t * k_t * v[:, :, t, None, :]
+        out.append((q[:, :, t, None, :] @ state).squeeze(-2))
+    return torch.stack(out, dim=2), state
+
+
+def delta_rule_chunked(q, k, v, beta, log_decay=None, chunk_size=64, state=None):
+    """The same outputs and final state as delta_rule_recurrent, chunkwise-parallel for training and prefill
+    (Gated DeltaNet, section 3.3; DeltaNet's WY / UT-transform form, Yang et al. 2024, arXiv 2406.06484). In a
+    chunk that starts from S_0, with g_t = a_1...a_t (L = log g, summed over the chunk), unrolling the rule gives
+        S_t = g_t S_0 + sum_{i <= t} (g_t / g_i) k_i w_i^T,
+        w_t = b_t (v_t - g_t S_0^T k_t - sum_{i < t} (g_t / g_i) (k_t . k_i) w_i)
+    so the rows w of the chunk solve one lower-triangular system (I + A) w = b * (v - g k S_0) with
+    A_ti = b_t (g_t / g_i) (k_t . k_i), i < t. Its inverse T = (I + A)^{-1} is the UT transform: with
+    u = T (b * v) and W = T (b * g * k), w = u - W S_0, computed for all chunks at once. Then
+        o_t = sum_{i <= t} (g_t / g_i) (q_t . k_i) w_i + g_t S_0^T q_t,    S_C = g_C S_0 + sum_i (g_C / g_i) k_i w_i^T
+    and only this step, S_0 -> S_C, loops over the chunks. Ratios g_t / g_i = exp(L_t - L_i) <= 1 are formed
+    directly, stable for any decay."""
+    B, H, T, dk = q.shape
+    dv = v.size(-1)
+    C = chunk_size
+    pad = (-T) % C  # padded positions have b = 0 and k = 0: they neither write nor erase, nor change later outputs
+    ld = q.new_zeros(B, H, T, 1) if log_decay is None else log_decay
+    q, k, v, beta, ld = (F.pad(t, (0, 0, 0, pad)).view(B, H, -1, C, t.size(-1)) for t in (q, k, v, beta, ld))
+    L = ld.cumsum(dim=3)  # (B, H, n_chunks, C, 1)
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    ratio = (L - L.transpose(-1, -2)).masked_fill(~causal, float('-inf')).exp()  # g_t / g_i for i <= t, else 0
+    A = (beta * (k @ k.transpose(-1, -2)) * ratio).tril(-1)
+    eye = torch.eye(C, dtype=q.dtype, device=q.device)
+    T_inv = torch.linalg.solve_triangular(eye + A, eye.expand_as(A), upper=False, unitriangular=True)
+    u, W = T_inv @ (beta * v), T_inv @ (beta * L.exp() * k)
+    M = (q @ k.transpose(-1, -2)) * ratio  # causal scores under the decay
+    o_intra = M @ u  # what the chunk's own tokens give, from an empty state
+    q_in = q * L.exp() - M @ W  # how the entering state S_0 reaches each output
+    k_out = k * (L[..., -1:, :] - L).exp()  # how much of each token's write is left at the chunk's end
+    keep = L[..., -1:, :].exp()  # g_C: how much of the state survives the whole chunk
+    S = q.new_zeros(B, H, dk, dv) if state is None else state
+    o_inter = []
+    for j in range(q.size(2)):
+        o_inter.append(q_in[:, :, j] @ S)
+        S = keep[:, :, j] * S + k_out[:, :, j].transpose(-1, -2) @ (u[:, :, j] - W[:, :, j] @ S)
+    o = o_intra + torch.stack(o_inter, dim=2)
+    return o.reshape(B, H, -1, dv)[:, :, :T], S
+
+
 class LinearAttention(nn.Module):
     """Causal attention without the softmax: a recurrence with a fixed-size state. Training and prefill run
     the chunked form; generation continues token by token from the state.
@@ -250,17 +328,36 @@ class LinearAttention(nn.Module):
       divided by the normalizer phi(q_t) . sum_s phi(k_s) (eq. 6);
     - 'gla' (Yang et al. 2023): a data-dependent forget gate per key dimension from a rank-16 projection
       (eq. 4, temperature 16), keys of half the head size (softmax attention's parameter count), then a
-      per-head RMSNorm and a SiLU output gate (section 4.4)."""
+      per-head RMSNorm and a SiLU output gate (section 4.4);
+    - 'gated_deltanet' (Yang, Kautz & Hatamizadeh 2024): the delta rule (delta_rule_recurrent) with
+      q = l2norm(silu(x W_q)), k = l2norm(silu(x W_k)), v = silu(x W_v) (the paper's figure 1, without its
+      short convolution: see README), a write strength b = sigmoid(x W_b) and a forget gate a per head, keys of
+      half the head size and GLA's head norm and output gate; 'deltanet' is the same with a = 1."""
 
     def __init__(self, config):
         super().__init__()
-        self.n_head, self.chunk_size, self.gated = config.n_head, config.chunk_size, config.attention == 'gla'
+        self.n_head, self.chunk_size, self.kind = config.n_head, config.chunk_size, config.attention
+        self.delta = self.kind in ('deltanet', 'gated_deltanet')  # the delta rule's state update
+        self.gated = self.kind in ('gla', 'gated_deltanet')  # a forget gate
         head_size = config.n_embd // config.n_head
-        self.dk = head_size // 2 if self.gated else head_size  # key (and query) size per head
+        self.dk = key_size(config)  # key (and query) size per head
         self.c_attn = nn.Linear(config.n_embd, 2 * self.n_head * self.dk + config.n_embd, bias=config.bias)
-        if self.gated:
+        if self.kind == 'gla':
             self.gate_proj = nn.Sequential(nn.Linear(config.n_embd, 16, bias=False),
                                            nn.Linear(16, self.n_head * self.dk))  # low-rank forget gate
+        if self.delta:
+            self.beta_proj = nn.Linear(config.n_embd, self.n_head, bias=False)  # b_t, one per head
+        if self.kind == 'gated_deltanet':
+            # a_t = exp(-exp(A_log) * softplus(x W_a + dt_bias)): Mamba-2's discretized decay (Dao & Gu 2024,
+            # arXiv 2405.21060), exp(-A dt) with a step dt = softplus(.) > 0 and a rate A = exp(A_log) > 0, which
+            # the Gated DeltaNet paper takes for a_t (as its released code does). Initialized as there: A
+            # uniform in [1, 16], dt log-uniform in [0.001, 0.1] (dt_bias = softplus^-1(dt)), so that heads start
+            # with memories from ~10 to ~1,000 tokens long
+            self.decay_proj = nn.Linear(config.n_embd, self.n_head, bias=False)
+            self.A_log = nn.Parameter(torch.empty(self.n_head).uniform_(1, 16).log())
+            dt = torch.exp(torch.empty(self.n_head).uniform_(math.log(1e-3), math.log(1e-1)))
+            self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        if self.kind != 'linear':
             self.out_gate = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
             self.head_norm = RMSNorm(head_size, eps=config.norm_eps)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -269,27 +366,48 @@ class LinearAttention(nn.Module):
 
     def qkv(self, x):
         """Queries, keys (B, n_head, T, dk) and values (B, n_head, T, head_size): for 'linear' phi(q), phi(k),
-        positive so that the normalizer is; for 'gla' q scaled by 1/sqrt(dk), as softmax attention's scores."""
+        positive so that the normalizer is; for 'gla' q scaled by 1/sqrt(dk), as softmax attention's scores;
+        for the delta rule unit-norm q and k (its write k_t k_t^T is a projection only for |k_t| = 1; the head
+        norm after it makes a scale of q irrelevant)."""
         sizes = [self.n_head * self.dk, self.n_head * self.dk, x.size(-1)]
         q, k, v = (heads(t, self.n_head) for t in self.c_attn(x).split(sizes, dim=2))
+        if self.delta:
+            return F.normalize(F.silu(q), dim=-1), F.normalize(F.silu(k), dim=-1), F.silu(v)
         if self.gated:
             return q * self.dk ** -0.5, k, v
         return F.elu(q) + 1, F.elu(k) + 1, v
 
     def log_decay(self, x):
-        """GLA's forget gate a = sigmoid(x W_1 W_2)^(1/16) (rank 16, temperature 16), as log a: (B, n_head, T, dk)."""
-        return heads(F.logsigmoid(self.gate_proj(x)) / 16, self.n_head)
+        """log a_t: GLA's forget gate a = sigmoid(x W_1 W_2)^(1/16) (rank 16, temperature 16), (B, n_head, T, dk);
+        Gated DeltaNet's a = exp(-exp(A_log) softplus(x W_a + dt_bias)), one per head, (B, n_head, T, 1)."""
+        if self.kind == 'gla':
+            return heads(F.logsigmoid(self.gate_proj(x)) / 16, self.n_head)
+        dt = F.softplus(at_least_float32(self.decay_proj(x)) + self.dt_bias)
+        return heads(-self.A_log.exp() * dt, self.n_head)
+
+    def beta(self, x):
+        """The delta rule's write strength b_t = sigmoid(x W_b) in (0, 1), per head: (B, n_head, T, 1)."""
+        return heads(torch.sigmoid(at_least_float32(self.beta_proj(x))), self.n_head)
 
     def setup_cache(self, batch_size, max_len):
         self.state = None  # the prefill starts it
 
-    def attend(self, name, q, k, v, log_decay, start_pos):
-        """o_t = S_t^T q_t for every position: chunked, or recurrent from the state self.state[name]."""
-        if q.dtype in (torch.float16, torch.bfloat16):
-            # the state sums every token so far: in half precision its rounding errors pile up (and linear
-            # attention's normalizer overflows float16), so it is kept in float32
-            q, k, v, log_decay = (None if t is None else t.float() for t in (q, k, v, log_decay))
-        if start_pos is None or start_pos == 0:
+    def attend(self, name, q, k, v, log_decay, start_pos, beta=None):
+        """o_t = S_t^T q_t for every position: chunked, or recurrent from the state self.state[name]; the
+        delta rule when beta is given."""
+        # the state sums every token so far: in half precision its rounding errors pile up (and linear
+        # attention's normalizer overflows float16), so it is kept in float32
+        q, k, v, log_decay, beta = (None if t is None else at_least_float32(t) for t in (q, k, v, log_decay, beta))
+        if beta is not None:
+            # the delta rule's triangular solve and its erase-then-write steps cancel large terms: in float32
+            # even under autocast (which would run its matmuls in bfloat16)
+            with torch.autocast(q.device.type, enabled=False):
+                if start_pos is None or start_pos == 0:
+                    o, state = delta_rule_chunked(q, k, v, beta, log_decay, self.chunk_size)
+                else:
+                    assert q.size(2) == 1, "the state takes one prefill, then one token at a time"
+                    o, state = delta_rule_recurrent(q, k, v, beta, log_decay, self.state[name])
+        elif start_pos is None or start_pos == 0:
             o, state = linear_attention_chunked(q, k, v, log_decay, self.chunk_size)
         else:
             assert q.size(2) == 1, "the state takes one prefill, then one token at a time"
@@ -303,15 +421,17 @@ class LinearAttention(nn.Module):
         if start_pos == 0:
             self.state = {}  # a prefill starts the state afresh
         q, k, v = self.qkv(x)
+        # (a rotation keeps the delta rule's keys unit-norm)
         rq, rk = (q, k) if rope is None else (apply_rope(q, *rope), apply_rope(k, *rope))
-        if self.gated:
-            y = self.head_norm(self.attend('S', rq, rk, v, self.log_decay(x), start_pos)).to(x.dtype)
-            y = y * heads(F.silu(self.out_gate(x)), self.n_head)
-        else:
+        if self.kind == 'linear':
             # RoPE (RoFormer eq. 19) rotates the features of the numerator only: the normalizer stays positive
             numerator = self.attend('numerator', rq, rk, v, None, start_pos)
             normalizer = self.attend('normalizer', q, k, torch.ones_like(v[..., :1]), None, start_pos)
             y = (numerator / normalizer).to(x.dtype)
+        else:
+            log_decay = self.log_decay(x) if self.gated else None
+            o = self.attend('S', rq, rk, v, log_decay, start_pos, self.beta(x) if self.delta else None)
+            y = self.head_norm(o).to(x.dtype) * heads(F.silu(self.out_gate(x)), self.n_head)
         y = y.transpose(1, 2).reshape(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -421,8 +541,7 @@ class GPT(nn.Module):
         if config.pos_emb == 'learned':
             self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
         if config.pos_emb == 'rope':
-            cos, sin = rope_tables(config.n_embd // config.n_head // (2 if config.attention == 'gla' else 1),
-                                   config.block_size, config.rope_base)
+            cos, sin = rope_tables(key_size(config), config.block_size, config.rope_base)
             # computed in float64 for exact angles at long positions, kept in float32 (MPS has no float64)
             self.register_buffer('rope_cos', cos.float(), persistent=False)
             self.register_buffer('rope_sin', sin.float(), persistent=False)

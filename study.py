@@ -3,12 +3,16 @@ The course's studies that need many samples or many training runs, each ending i
     python study.py --study=top_p --out_dir=out-pico-tiny       # sample one model at every temperature x p
     python study.py --study=overfitting                         # train on 5K..320K tokens: train/val gap, copying
     python study.py --study=sweep --runs="learning_rate=1e-3;learning_rate=3e-3;learning_rate=1e-2"
+    python study.py --study=attention     # softmax, linear, GLA, DeltaNet, Gated DeltaNet: loss, recall, decode cost
 top_p writes top_p.json and top_p.png into the run's folder; overfitting and sweep train with train.py (one
 process per run, from the config file base) into study_dir and write their JSON and figure there.
 Measures, per sample (the prompt left out) and averaged: distinct-n (Li et al. 2016, arXiv 1510.03055), the
 share of tokens inside a repeated 4-gram, self-perplexity (the model's own perplexity of what it sampled:
 Holtzman et al. 2020, arXiv 1904.09751, show that low p gives text far likelier than human text, high p text
 far less likely), and for a training run the share of the sample's 8-grams found verbatim in its training set.
+attention trains each attention kind on TinyStories (val loss, tokens/s) and on multi-query associative recall
+(data/make_mqar.py; the share of answers the model gets right, teacher-forced) at each number of key-value
+pairs, and times decoding at several positions (bench.py --bench=attention); attention.json and attention.png.
 """
 import json
 import math
@@ -24,7 +28,7 @@ import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # -----------------------------------------------------------------------------
-study = 'top_p'  # 'top_p', 'overfitting' or 'sweep'
+study = 'top_p'  # 'top_p', 'overfitting', 'sweep' or 'attention'
 # top_p: one trained model sampled at every temperature x p
 init_from = 'resume'  # 'resume', a .pt file, a GPT-2 name, a Hub repo id, or a local folder (as in sample.py)
 out_dir = 'out-pico-tiny'  # where init_from='resume' finds ckpt.pt; top_p.json and top_p.png go there too
@@ -41,7 +45,15 @@ base = 'config/pico_tiny.py'  # the config file every run starts from ('' for no
 overrides = ''  # train.py settings for every run, space-separated, e.g. 'max_iters=200 eval_interval=50'
 train_tokens: tuple | int = (5000, 20000, 80000, 320000)  # overfitting: the training-set sizes (train.py's train_tokens)
 runs = 'learning_rate=1e-3;learning_rate=3e-3;learning_rate=1e-2'  # sweep: ';' between runs, ' ' between settings
-study_dir = 'out-study'  # overfitting, sweep: the runs (one folder each), JSON and figure go here
+study_dir = 'out-study'  # overfitting, sweep, attention: the runs (one folder each), JSON and figure go here
+# attention: every kind at the same width, depth and steps (base, overrides, then these)
+attention_kinds = 'softmax,linear,gla,deltanet,gated_deltanet'  # the kinds compared
+stories_overrides = 'max_iters=200 eval_interval=100'  # TinyStories runs (base's dataset)
+recall_pairs: tuple | int = (4, 8)  # associative recall: key-value pairs per line, one set of runs each
+recall_keys = 40  # recall: distinct keys (and values) of data/make_mqar.py
+recall_overrides = 'n_layer=2 n_embd=64 block_size=64 batch_size=32 max_iters=600 eval_interval=600'  # recall runs
+positions: tuple | int = (100, 1000, 4000)  # decode cost per token at these positions (bench.py's attention bench)
+decode_overrides = '--decode_tokens=16 --repeats=1'  # more bench.py settings for the decode timing
 seed = 1337
 device = 'cpu'  # 'cpu', 'cuda', 'mps' (also given to train.py)
 # -----------------------------------------------------------------------------
@@ -109,6 +121,37 @@ def sample_stats(model, prompt_ids, n, new_tokens, temperature, top_p, rng_seed,
     if train_keys is not None:
         stats['copied_8gram'] = float(np.mean([copied_share(g, train_keys) for g in gen]))
     return stats, out.tolist()
+
+
+def mqar_answers(tokenizer, line):
+    """(token ids of an MQAR line from data/make_mqar.py, the positions of its answers): the value that follows
+    each key after 'queries:', found as the length of the line's encoding up to that value."""
+    words = line.split()
+    start = words.index('queries:')
+    ids = tokenizer.encode(line)
+    answers = [len(tokenizer.encode(' '.join(words[:i]))) for i in range(start + 2, len(words), 2)]
+    return ids, answers
+
+
+@torch.no_grad()
+def recall_accuracy(model, rows, batch_size=64):
+    """Associative recall, teacher-forced: the share of answer tokens that are the model's argmax given
+    everything before them (the line's own tokens, not the model's earlier guesses). rows: (ids, answer
+    positions) pairs, as mqar_answers gives them."""
+    device = next(model.parameters()).device
+    right = total = 0
+    by_length = {}
+    for ids, answers in rows:
+        by_length.setdefault(len(ids), []).append((ids, answers))
+    for same in by_length.values():
+        for i in range(0, len(same), batch_size):
+            batch = same[i:i + batch_size]
+            logits, _ = model(torch.tensor([ids for ids, _ in batch], device=device))
+            guess = logits.argmax(dim=-1)
+            for row, (ids, answers) in enumerate(batch):
+                right += sum(int(guess[row, p - 1]) == ids[p] for p in answers)
+                total += len(answers)
+    return right / total
 
 
 def as_tuple(v):
@@ -183,9 +226,16 @@ if __name__ == '__main__':
         return np.unique(np.concatenate(keys))
 
     # -- check the settings before any work ----------------------------------------
-    if study not in ('top_p', 'overfitting', 'sweep'):
-        die(f"study={study!r} is not one of: top_p, overfitting, sweep")
+    if study not in ('top_p', 'overfitting', 'sweep', 'attention'):
+        die(f"study={study!r} is not one of: top_p, overfitting, sweep, attention")
     top_ps, temperatures, train_tokens = as_tuple(top_ps), as_tuple(temperatures), as_tuple(train_tokens)
+    recall_pairs, positions = as_tuple(recall_pairs), as_tuple(positions)
+    kinds = [k.strip() for k in attention_kinds.split(',') if k.strip()]
+    from model import ATTENTION_KINDS
+    if study == 'attention' and (not kinds or any(k not in ATTENTION_KINDS for k in kinds)):
+        die(f"attention_kinds={attention_kinds!r}: give some of {', '.join(ATTENTION_KINDS)}, comma-separated")
+    if any(not isinstance(n, int) or not 1 <= n <= recall_keys for n in recall_pairs):
+        die(f"recall_pairs={recall_pairs} must be whole numbers from 1 to recall_keys={recall_keys}")
     try:
         device = pick_device(device)
         for t in temperatures:
@@ -209,7 +259,7 @@ if __name__ == '__main__':
     run_sets = [r.split() for r in runs.split(';') if r.strip()]
     if study == 'sweep' and not run_sets:
         die("runs is empty; give train.py settings per run, e.g. --runs='learning_rate=1e-3;learning_rate=3e-3'")
-    for s in overrides.split() + [s for r in run_sets for s in r]:
+    for s in overrides.split() + stories_overrides.split() + recall_overrides.split() + [s for r in run_sets for s in r]:
         if '=' not in s or s.startswith('-'):
             die(f"{s!r} in overrides or runs is not key=value (e.g. learning_rate=1e-3, no leading --)")
     plt = need_matplotlib()
@@ -299,6 +349,79 @@ if __name__ == '__main__':
                      f"({rows[0]['tokens_seen']:,} tokens seen) on each training-set size", fontsize=10)
         result = dict(study='overfitting', base=base, overrides=overrides, start=start, temperature=temperature,
                       top_p=top_p, num_samples=num_samples, max_new_tokens=max_new_tokens, seed=seed, rows=rows)
+
+    elif study == 'attention':
+        # -- attention: what each kind learns, what it recalls, what a token costs -----------------------------
+        def script(name, *args):
+            proc = subprocess.run([sys.executable, os.path.join(HERE, name), *args], capture_output=True, text=True)
+            if proc.returncode != 0:
+                die(f"{name} {' '.join(args)} failed: {(proc.stderr.strip().splitlines() or [proc.returncode])[-1]}")
+        stories, recall = {}, {}
+        print(f"training {len(kinds)} kinds on TinyStories and on recall at {recall_pairs} pairs into {study_dir}")
+        for kind in kinds:
+            numbers = train_run(os.path.join(study_dir, f'stories-{kind}'), stories_overrides.split() + [f'attention={kind}'])
+            stories[kind] = dict(**numbers, tokens_per_s=numbers['tokens_seen'] / numbers['time_s'])
+        for n in recall_pairs:
+            text, test = (os.path.join(study_dir, f'mqar-{n}{part}.txt') for part in ('', '-test'))
+            script(os.path.join('data', 'make_mqar.py'), f'--n_pairs={n}', f'--n_keys={recall_keys}', f'--out={text}',
+                   f'--seed={seed}')
+            script(os.path.join('data', 'make_mqar.py'), f'--n_pairs={n}', f'--n_keys={recall_keys}', f'--out={test}',
+                   f'--seed={seed + 1}', '--n_lines=200')  # other lines than training's: recall, not memory
+            folder = os.path.join(study_dir, f'mqar-{n}')
+            script(os.path.join('data', 'prepare.py'), f'--source={text}', '--compact_vocab=True', f'--out_dir={folder}')
+            for kind in kinds:
+                run_dir = os.path.join(study_dir, f'recall-{n}-{kind}')
+                numbers = train_run(run_dir, recall_overrides.split() + [f'attention={kind}', f'input_files={folder}',
+                                                                         'tinystories_weight=0.0'])
+                model, tokenizer, _ = load('resume', run_dir)
+                with open(test) as f:
+                    rows = [mqar_answers(tokenizer, line.strip()) for line in f if line.strip()]
+                if len(rows[0][0]) > model.block_size:
+                    die(f"a recall line of {n} pairs is {len(rows[0][0])} tokens, longer than the recall runs' "
+                        f"block_size={model.block_size}: raise block_size in recall_overrides, or give fewer pairs")
+                recall.setdefault(kind, {})[n] = dict(**numbers, accuracy=recall_accuracy(model, rows))
+                print(f"    recall at {n} pairs: {recall[kind][n]['accuracy']:.3f}")
+        bench_json = os.path.join(study_dir, 'decode.json')
+        script('bench.py', '--bench=attention', f'--attention_kinds={",".join(kinds)}', '--attention_train=False',
+               f'--positions={",".join(map(str, positions))}', f'--json_out={bench_json}', *decode_overrides.split())
+        with open(bench_json) as f:
+            decode = json.load(f)
+        ms = {k: [1000 / decode['decode_tok_s'][str(p)][k] for p in positions] for k in kinds}
+        print(f"{'attention':<16} {'val loss':>8} {'tokens/s':>9} " + ' '.join(f"{f'recall@{n}':>9}" for n in recall_pairs) +
+              ' ' + ' '.join(f"{f'ms@{p}':>8}" for p in positions))
+        for k in kinds:
+            print(f"{k:<16} {stories[k]['val_loss']:8.3f} {stories[k]['tokens_per_s']:9,.0f} " +
+                  ' '.join(f"{recall[k][n]['accuracy']:9.3f}" for n in recall_pairs) + ' ' +
+                  ' '.join(f"{t:8.1f}" for t in ms[k]))
+        fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+        names = {'softmax': 'softmax', 'linear': 'linear', 'gla': 'GLA', 'deltanet': 'DeltaNet',
+                 'gated_deltanet': 'Gated DeltaNet'}
+        bars = axes[0].bar([names[k] for k in kinds], [stories[k]['val_loss'] for k in kinds],
+                           color=[f'C{i}' for i in range(len(kinds))])
+        for bar, k in zip(bars, kinds):
+            axes[0].annotate(f"{stories[k]['val_loss']:.2f}\n{stories[k]['tokens_per_s']:,.0f} tok/s",
+                             (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha='center', va='bottom', fontsize=8)
+        low = min(stories[k]['val_loss'] for k in kinds)
+        axes[0].set(ylim=(low - 0.5, max(stories[k]['val_loss'] for k in kinds) + 0.3), ylabel='val loss (nats per token)',
+                    title=f"TinyStories: val loss, training tokens/s")
+        axes[0].tick_params(axis='x', labelsize=8)
+        for i, k in enumerate(kinds):
+            axes[1].plot(recall_pairs, [recall[k][n]['accuracy'] for n in recall_pairs], 'o-', color=f'C{i}', label=names[k])
+            axes[2].plot(positions, ms[k], 'o-', color=f'C{i}', label=names[k])
+        axes[1].axhline(1 / recall_keys, color='gray', ls='--', label='chance')
+        axes[1].set(xlabel='key-value pairs per line', ylabel='answers right (teacher-forced)', ylim=(0, 1.05),
+                    title='associative recall (MQAR)', xticks=recall_pairs)
+        axes[2].set(xlabel='position in the text', ylabel='ms per generated token', ylim=(0, None),
+                    title=f"decode cost ({decode.get('shape', 'bench.py')}, {decode['machine']}, {decode['threads']} threads)")
+        for ax in axes:
+            ax.grid(alpha=0.3)
+        axes[1].legend(fontsize=8)
+        fig.suptitle(f"attention kinds at the same width, depth and steps ({os.path.basename(base) or 'no base'} "
+                     f"{overrides} {stories_overrides}; recall: {recall_overrides})".replace('  ', ' '), fontsize=9)
+        result = dict(study='attention', base=base, overrides=overrides, stories_overrides=stories_overrides,
+                      recall_overrides=recall_overrides, recall_keys=recall_keys, seed=seed, kinds=kinds,
+                      stories=stories, recall={k: {str(n): r for n, r in v.items()} for k, v in recall.items()},
+                      decode=dict(decode, ms_per_token={k: dict(zip(map(str, positions), ms[k])) for k in kinds}))
 
     else:
         # -- sweep: one run per set of settings, overlaid ------------------------------------------------------

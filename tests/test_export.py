@@ -105,6 +105,7 @@ def test_export_of_nanogpt_checkpoints(tmp_path):
     ('transformer', dict(norm_position='post'), "norm_position='post'"),
     ('transformer', dict(attention='linear'), "attention='linear'"),
     ('transformer', dict(attention='gla'), "attention='gla'"),
+    ('transformer', dict(attention='gated_deltanet'), "attention='gated_deltanet'"),
     ('lstm', dict(vocab_size=300, embed_size=8, hidden_size=8), 'a LSTMSeqModel has no GPT-2 layout'),
     ('kgram_mlp', dict(vocab_size=300, k=2, embed_size=8, num_inner_layers=1), 'a KGramMLPSeqModel has no GPT-2'),
     ('compact', dict(), 'the vocabulary is compacted (an id_map of 300 GPT-2 ids)'),

@@ -14,7 +14,7 @@ def checkpoint(tmp_path, model, model_type, model_args):
     return str(tmp_path)
 
 
-@pytest.mark.parametrize('attention', ['softmax', 'linear', 'gla'])
+@pytest.mark.parametrize('attention', ['softmax', 'linear', 'gla', 'gated_deltanet'])
 def test_attention_maps(tmp_path, attention):
     torch.manual_seed(0)
     args = dict(block_size=32, vocab_size=50257, n_layer=2, n_head=2, n_embd=32, attention=attention, pos_emb='rope')

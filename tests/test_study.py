@@ -1,5 +1,6 @@
-"""study.py (top-p sweep, overfitting, hyperparameter sweep) on tiny runs, its measures against plain
-computations, train.py's train_tokens, and the course starter's command line (configurator.py)."""
+"""study.py (top-p sweep, overfitting, hyperparameter sweep, attention kinds) on tiny runs, its measures against
+plain computations, data/make_mqar.py, train.py's train_tokens, and the course starter's command line
+(configurator.py)."""
 import json
 import math
 import os
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from conftest import assert_one_line_error, greedy_reference, run_script
 
 from load import load_model
-from study import copied_share, distinct_n, ngram_keys, sample_stats
+from study import copied_share, distinct_n, mqar_answers, ngram_keys, recall_accuracy, sample_stats
 
 TINY = ['n_layer=1', 'n_head=2', 'n_embd=32', 'block_size=16', 'batch_size=4', 'eval_iters=4', 'log_interval=5',
         'warmup_iters=5', 'sample_tokens=4', 'dtype=float32']  # (float32: the same numbers on every CPU)
@@ -113,8 +114,75 @@ def test_sweep_study_trains_each_setting_and_overlays_them(datasets, tmp_path):
     assert rows[0]['val_loss'] != rows[1]['val_loss']
 
 
+def test_recall_accuracy_counts_answer_tokens_only(tiktoken_cache):
+    from load import Tokenizer
+    tokenizer = Tokenizer.from_spec(dict(name='gpt2', id_map=None))
+    ids, answers = mqar_answers(tokenizer, 'pairs: 3 41 7 52 queries: 7 52 3 41')
+    assert [tokenizer.decode([ids[p]]) for p in answers] == [' 52', ' 41']
+    assert tokenizer.decode(ids[:answers[0]]) == 'pairs: 3 41 7 52 queries: 7'
+
+    class Lookup(torch.nn.Module):
+        """A hand-made model that knows one pair: after ' 7' it says ' 52'; everywhere else ' 41'."""
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, idx):
+            logits = torch.zeros(*idx.shape, 50257)
+            logits[..., tokenizer.encode(' 41')[0]] = 1
+            logits[idx == tokenizer.encode(' 7')[0], tokenizer.encode(' 52')[0]] = 2
+            return logits, None
+    assert recall_accuracy(Lookup(), [(ids, answers)]) == 1.0  # ' 52' after 7, ' 41' after 3
+    other = mqar_answers(tokenizer, 'pairs: 3 60 7 52 queries: 3 60 7 52')
+    assert recall_accuracy(Lookup(), [other]) == 0.5  # after 3 it says 41, the answer is 60
+    # lines of other lengths batch apart; only answers count (the guesses after 'pairs:' are wrong, and ignored)
+    short = mqar_answers(tokenizer, 'pairs: 9 60 queries: 9 60')
+    assert recall_accuracy(Lookup(), [(ids, answers), short]) == 2 / 3
+
+
+def test_make_mqar_lines(tmp_path):
+    proc = run_script('data/make_mqar.py', '--n_pairs=5', '--n_keys=20', '--n_lines=30', f'--out={tmp_path / "m.txt"}')
+    assert proc.returncode == 0, proc.stderr
+    lines = (tmp_path / 'm.txt').read_text().splitlines()
+    assert len(lines) == 30
+    for line in lines:
+        words = line.split()
+        assert words[0] == 'pairs:' and words[11] == 'queries:' and len(words) == 22
+        pairs = dict(zip(map(int, words[1:11:2]), map(int, words[2:11:2])))
+        asked = list(zip(map(int, words[12::2]), map(int, words[13::2])))
+        assert len(pairs) == 5 and all(0 <= k < 20 <= v < 40 for k, v in pairs.items())
+        assert sorted(asked) == sorted(pairs.items())  # every key asked once, answered with its value
+    assert_one_line_error(run_script('data/make_mqar.py', '--n_pairs=30', '--n_keys=20'), 'n_pairs=30 must be between 1')
+
+
+def test_attention_study_trains_every_kind_and_times_decoding(datasets, tmp_path):
+    study_dir = tmp_path / 'att'
+    overrides = ' '.join(TINY + [f'dataset={datasets["compact"]}', 'max_iters=4', 'eval_interval=4', 'n_head=2'])
+    proc = run_script('study.py', '--study=attention', '--base=', f'--overrides={overrides}', f'--study_dir={study_dir}',
+                      '--attention_kinds=softmax,gated_deltanet', '--stories_overrides=', '--recall_pairs=3',
+                      '--recall_keys=6', '--recall_overrides=max_iters=4 block_size=32', '--positions=4,12',
+                      '--decode_overrides=--decode_tokens=2 --repeats=1 --attention_n_layer=1 --attention_n_embd=64')
+    assert proc.returncode == 0, proc.stderr
+    result = json.load(open(study_dir / 'attention.json'))
+    assert (study_dir / 'attention.png').read_bytes()[:4] == b'\x89PNG'
+    assert result['kinds'] == ['softmax', 'gated_deltanet']
+    for kind in result['kinds']:
+        _, _, ckpt = load_model('resume', str(study_dir / f'stories-{kind}'))
+        assert ckpt['model_args']['attention'] == kind and ckpt['iter_num'] == 4
+        assert result['stories'][kind]['val_loss'] > 0 and result['stories'][kind]['tokens_per_s'] > 0
+        for n in ('3',):
+            _, tokenizer, ckpt = load_model('resume', str(study_dir / f'recall-{n}-{kind}'))
+            assert ckpt['model_args']['attention'] == kind and ckpt['config']['tinystories_weight'] == 0.0
+            assert 0 <= result['recall'][kind][n]['accuracy'] <= 1
+        assert set(result['decode']['ms_per_token'][kind]) == {'4', '12'}
+    assert 'recall@3' in proc.stdout and 'gated_deltanet' in proc.stdout
+
+
 @pytest.mark.parametrize('args, phrases', [
-    (['--study=topp'], ["study='topp' is not one of: top_p, overfitting, sweep"]),
+    (['--study=topp'], ["study='topp' is not one of: top_p, overfitting, sweep, attention"]),
+    (['--study=attention', '--attention_kinds=mamba'], ["attention_kinds='mamba': give some of softmax"]),
+    (['--study=attention', '--recall_pairs=0'], ['recall_pairs=(0,) must be whole numbers from 1']),
     (['--top_ps=0,0.5'], ['top_p']),
     (['--study=sweep', '--runs=--learning_rate=1'], ["is not key=value"]),
     (['--study=sweep', '--runs=;'], ['runs is empty']),

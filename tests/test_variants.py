@@ -1,4 +1,5 @@
-"""The research variants of the one GPT: RoPE / NoPE, pre / post norm, linear and gated linear attention."""
+"""The research variants of the one GPT: RoPE / NoPE, pre / post norm, linear and gated linear attention,
+DeltaNet and Gated DeltaNet."""
 import itertools
 
 import pytest
@@ -6,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from conftest import assert_one_line_error, greedy_reference, run_script, script_functions
 
-from model import (GPT, GPTConfig, apply_rope, linear_attention_chunked, linear_attention_recurrent,
-                   rope_tables)
+from model import (GPT, GPTConfig, apply_rope, delta_rule_chunked, delta_rule_recurrent, linear_attention_chunked,
+                   linear_attention_recurrent, rope_tables)
 
 
 @pytest.mark.parametrize('decay', [False, True], ids=['linear', 'gla'])
@@ -34,6 +35,83 @@ def test_chunked_and_recurrent_forms_agree(decay, chunk_size):
             assert (a is None and b is None) or (a - b).abs().max() < 1e-10
 
 
+def relative(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def delta_inputs(B, H, T, dk, dv, dtype, gated):
+    """Unit-norm q, k, values, write strengths in (0, 1) and per-head log decays (or None), as the model makes them."""
+    q, k = (F.normalize(torch.randn(B, H, T, dk, dtype=dtype), dim=-1) for _ in range(2))
+    beta = torch.sigmoid(torch.randn(B, H, T, 1, dtype=dtype) * 2)
+    ld = -F.softplus(torch.randn(B, H, T, 1, dtype=dtype)) if gated else None
+    return q, k, torch.randn(B, H, T, dv, dtype=dtype), beta, ld
+
+
+@pytest.mark.parametrize('gated', [False, True], ids=['deltanet', 'gated_deltanet'])
+@pytest.mark.parametrize('chunk_size', [1, 4, 16, 64])
+def test_delta_rule_chunked_and_recurrent_forms_agree(gated, chunk_size):
+    """The WY / UT-transform chunked form gives the recurrence's outputs and final state within 1e-5 relative
+    in float32, for lengths that are not a multiple of the chunk (37, 50), from an empty and a carried state."""
+    torch.manual_seed(0)
+    for T in (37, 50):
+        q, k, v, beta, ld = delta_inputs(2, 3, T, 8, 5, torch.float32, gated)
+        for s0 in (None, torch.randn(2, 3, 8, 5)):
+            o1, s1 = delta_rule_recurrent(q, k, v, beta, ld, state=s0)
+            o2, s2 = delta_rule_chunked(q, k, v, beta, ld, chunk_size, state=s0)
+            assert relative(o2, o1) < 1e-5 and relative(s2, s1) < 1e-5
+    # the delta rule overwrites: one key written twice recalls the second value, where linear attention sums both
+    key = F.normalize(torch.randn(1, 1, 1, 8), dim=-1).expand(1, 1, 2, 8)
+    v = torch.randn(1, 1, 2, 5)
+    o, _ = delta_rule_chunked(key, key, v, torch.ones(1, 1, 2, 1), None, chunk_size)
+    assert torch.allclose(o[:, :, 1], v[:, :, 1], atol=1e-5)
+    assert torch.allclose(linear_attention_chunked(key, key, v, None, chunk_size)[0][:, :, 1], v.sum(2), atol=1e-5)
+
+
+@pytest.mark.parametrize('gated', [False, True], ids=['deltanet', 'gated_deltanet'])
+def test_delta_rule_gradients_agree_in_float64(gated):
+    torch.manual_seed(0)
+    inputs = [t.requires_grad_() for t in delta_inputs(1, 2, 21, 4, 3, torch.float64, gated) if t is not None]
+    q, k, v, beta = inputs[:4]
+    ld = inputs[4] if gated else None
+    w = torch.randn(1, 2, 21, 3, dtype=torch.float64)
+    grads = [torch.autograd.grad((o * w).sum() + s.sum(), inputs)
+             for o, s in (delta_rule_recurrent(q, k, v, beta, ld), delta_rule_chunked(q, k, v, beta, ld, 8))]
+    for a, b in zip(*grads):
+        assert (a - b).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize('pos_emb', ['rope', 'none'])
+@pytest.mark.parametrize('attention', ['deltanet', 'gated_deltanet'])
+def test_delta_attention_prefill_then_steps_equals_the_chunked_forward(attention, pos_emb):
+    """The layer as generation runs it (a chunked prefill, then one token at a time from the carried state)
+    against one chunked forward of the whole sequence, float32, 1e-5 relative, RoPE on and off."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=32, n_layer=1, n_head=2, n_embd=32, attention=attention,
+                          pos_emb=pos_emb, chunk_size=8)).eval()
+    attn = model.transformer.h[0].attn
+    x = torch.randn(2, 45, 32)
+    rope = (model.rope_cos[:45], model.rope_sin[:45]) if pos_emb == 'rope' else None
+    with torch.no_grad():
+        full = attn(x, rope=rope)
+        steps = [attn(x[:, :13], 0, None if rope is None else (rope[0][:13], rope[1][:13]))]
+        for t in range(13, 45):
+            steps.append(attn(x[:, t:t + 1], t, None if rope is None else (rope[0][t:t + 1], rope[1][t:t + 1])))
+    assert relative(torch.cat(steps, dim=1), full) < 1e-5
+
+
+@pytest.mark.parametrize('attention', ['deltanet', 'gated_deltanet'])
+def test_delta_attention_gradients_are_finite_at_length_1024_under_bfloat16_autocast(attention):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=1024, vocab_size=32, n_layer=1, n_head=2, n_embd=32, attention=attention))
+    x = torch.randint(0, 32, (1, 1025))
+    with torch.autocast('cpu', torch.bfloat16):
+        _, loss = model(x[:, :-1], x[:, 1:])
+    loss.backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert model.transformer.h[0].attn.beta_proj.weight.grad.abs().sum() > 0
+
+
 def test_rope_scores_depend_only_on_the_offset():
     torch.manual_seed(0)
     cos, sin = rope_tables(8, 64, 10000.0)
@@ -49,8 +127,10 @@ def test_rope_scores_depend_only_on_the_offset():
     assert abs(score(5, 2) - score(6, 2)) > 1e-3  # and it does depend on the offset
 
 
+# the delta rule's kinds under every position scheme (norms do not touch the state; 6 more, not 24)
 COMBOS = list(itertools.product(['learned', 'rope', 'none'], ['layernorm', 'rmsnorm'], ['pre', 'post'],
-                                ['softmax', 'linear', 'gla']))
+                                ['softmax', 'linear', 'gla'])) + \
+    list(itertools.product(['learned', 'rope', 'none'], ['rmsnorm'], ['pre'], ['deltanet', 'gated_deltanet']))
 
 
 def counting_batch(n, length):
@@ -62,7 +142,7 @@ def counting_batch(n, length):
 
 def trained(config, steps=150, seed=0):
     """A small model trained in float64 on counting_batch, so that its weights are far from their initial
-    values and greedy decoding depends on what attention computes (all 36 combinations reach a loss of
+    values and greedy decoding depends on what attention computes (all 42 combinations reach a loss of
     0.4-1.0 nats, below the ln 3 that the last token alone allows)."""
     torch.manual_seed(seed)
     model = GPT(config).double()
@@ -90,7 +170,7 @@ def test_greedy_generate_equals_recompute(pos_emb, norm, norm_position, attentio
     assert len(set(out[0, 12:].tolist())) > 3  # decoding varies: the state and positions matter
 
 
-@pytest.mark.parametrize('attention', ['softmax', 'linear', 'gla'])
+@pytest.mark.parametrize('attention', ['softmax', 'linear', 'gla', 'deltanet', 'gated_deltanet'])
 @pytest.mark.parametrize('pos_emb', ['learned', 'rope', 'none'])
 def test_every_kind_trains_in_float32(attention, pos_emb):
     torch.manual_seed(0)
@@ -109,7 +189,7 @@ def test_every_kind_trains_in_float32(attention, pos_emb):
     assert model.generate(x[:1, :4], 8, temperature=0).shape == (1, 12)
 
 
-@pytest.mark.parametrize('attention', ['softmax', 'linear', 'gla'])
+@pytest.mark.parametrize('attention', ['softmax', 'linear', 'gla', 'deltanet', 'gated_deltanet'])
 def test_attention_weights_reproduce_the_attention(attention):
     """interpret.py's attention_weights is the causal matrix that mixes the values: rows of softmax and linear
     attention sum to 1, and weights @ v gives the attention's output (before the head norm and output gate of GLA)."""
@@ -135,32 +215,38 @@ def test_attention_weights_reproduce_the_attention(attention):
         assert torch.allclose(w @ v, numerator / normalizer)
         plain = attention_weights(attn, x)  # without RoPE, rows are convex weights
         assert torch.allclose(plain.sum(-1), torch.ones(2, 2, 11, dtype=torch.float64)) and plain.min() >= 0
-    else:
+    elif attention == 'gla':
         log_decay = (F.logsigmoid(attn.gate_proj(x)) / 16).view(2, 11, 2, -1).transpose(1, 2)
         assert torch.allclose(w @ v, linear_attention_chunked(rq, rk, v, log_decay, 4)[0])
+    else:  # the delta rule: the recurrence's outputs, token by token
+        log_decay = attn.log_decay(x) if attention == 'gated_deltanet' else None
+        assert torch.allclose(w @ v, delta_rule_recurrent(rq, rk, v, attn.beta(x), log_decay)[0])
 
 
 def test_parameter_counts_match_across_attention_kinds():
     counts = {a: sum(p.numel() for p in GPT(GPTConfig(block_size=64, vocab_size=100, n_layer=2, n_head=4, n_embd=128,
-                                                      attention=a)).parameters()) for a in ('softmax', 'linear', 'gla')}
+                                                      attention=a)).parameters())
+              for a in ('softmax', 'linear', 'gla', 'deltanet', 'gated_deltanet')}
     assert counts['linear'] == counts['softmax']
-    assert abs(counts['gla'] - counts['softmax']) / counts['softmax'] < 0.02  # the rank-16 gate only
+    for a in ('gla', 'deltanet', 'gated_deltanet'):  # the rank-16 gate, or b and a per head, only
+        assert abs(counts[a] - counts['softmax']) / counts['softmax'] < 0.02
 
 
 def test_bad_option_values(tmp_path):
-    with pytest.raises(ValueError, match="attention='flash' is not one of: softmax, linear, gla"):
+    with pytest.raises(ValueError,
+                       match="attention='flash' is not one of: softmax, linear, gla, deltanet, gated_deltanet"):
         GPT(GPTConfig(attention='flash'))
     with pytest.raises(ValueError, match="pos_emb='alibi' is not one of: learned, rope, none"):
         GPT(GPTConfig(pos_emb='alibi'))
     with pytest.raises(ValueError, match="norm_position='sandwich' is not one of: pre, post"):
         GPT(GPTConfig(norm_position='sandwich'))
     assert_one_line_error(run_script('train.py', '--attention=flash', f'--out_dir={tmp_path}'),
-                          "attention='flash' is not one of: softmax, linear, gla")
+                          "attention='flash' is not one of: softmax, linear, gla, deltanet, gated_deltanet")
     assert_one_line_error(run_script('train.py', '--model_type=gpt2', '--pos_emb=rope', f'--out_dir={tmp_path}'),
                           "options of model_type='transformer'", "fine-tuning keeps the pretrained model's architecture")
 
 
-@pytest.mark.parametrize('attention', ['linear', 'gla'])
+@pytest.mark.parametrize('attention', ['linear', 'gla', 'gated_deltanet'])
 def test_half_precision_state_decodes_like_the_chunked_forward(attention):
     """With bfloat16 weights the recurrent state is summed in float32: 1,000 tokens on, token-by-token
     attention still gives what the chunked form gives for the whole sequence (a bfloat16 state drifts)."""
