@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from model import (CONV1D, GPT, HF_ACTIVATIONS, SAFETENSORS_DTYPES, GPTConfig, KGramMLPSeqModel, LSTMSeqModel,
-                   check_config, check_shapes, safe_torch_load)
+                   check_config, check_shapes, safe_torch_load, tensors_in)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))  # this repo; bundled folders are prepared into ROOT/data
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')  # the bundled text and GPT-2's BPE files
@@ -238,7 +238,7 @@ def _download(repo, filename, path):
             if r.status_code == 200:
                 have = 0  # the server sent the whole file, not the range asked for
             size, sha256 = _hub_file_info(r, have, name)
-            if r.status_code == 206 and _range_start(r) != have:
+            if r.status_code == 206 and _content_range(r)[0] != have:
                 # bytes from elsewhere in the file (or another file) cannot be appended: start over, whole
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(part)
@@ -455,9 +455,8 @@ def _hub_file_info(r, offset, name):
             tag = h.get(key, '').removeprefix('W/').strip('"')
             if sha is None and re.fullmatch(r'[0-9a-f]{64}', tag):
                 sha = tag
-    m = re.fullmatch(r'bytes \d+-\d+/(\d+)', r.headers.get('Content-Range', '').strip())
-    if size is None and m:  # bytes 100-999/1000 (a total of * is unknown)
-        size = int(m[1])
+    if size is None:  # bytes 100-999/1000 (a total of * is unknown)
+        size = _content_range(r)[1]
     if size is None and r.headers.get('Content-Length') and 'Content-Encoding' not in r.headers:
         size = offset + _header_int(r.headers, 'Content-Length', name)
     return size, sha
@@ -470,10 +469,11 @@ def _header_int(h, key, name):
     return int(h[key])
 
 
-def _range_start(r):
-    """Where the bytes of a 206 answer start in the file (Content-Range: bytes 100-999/1000), or None."""
+def _content_range(r):
+    """(where the bytes of a 206 answer start in the file, the file's total size) from its Content-Range
+    (bytes 100-999/1000); None for what it does not say (a total of *), or for both without the header."""
     m = re.fullmatch(r'bytes (\d+)-\d+/(\d+|\*)', r.headers.get('Content-Range', '').strip())
-    return int(m[1]) if m else None
+    return (int(m[1]), None if m[2] == '*' else int(m[2])) if m else (None, None)
 
 
 def _safetensors_size(path):
@@ -548,8 +548,8 @@ def refuse_link(path):
     """ValueError if path is a symbolic link (dangling ones too): a script writes its own files, never through a
     link into a file the user keeps elsewhere."""
     if os.path.islink(path):
-        raise ValueError(f"{path} is a symbolic link (to {os.readlink(path)}); refused to write through it: remove the "
-                         f"link, or give another folder")
+        raise ValueError(f"{path} is a symbolic link (to {os.readlink(path)}); the scripts write their own files, "
+                         f"never through a link: remove it, or give another folder")
 
 
 @contextlib.contextmanager
@@ -592,22 +592,22 @@ def claim_folder(folder, what):
         return
     path = os.path.join(folder, '.lock')
     refuse_link(path)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, 'O_NOFOLLOW', 0) | getattr(os, 'O_BINARY', 0), 0o666)
-    try:
-        if os.name == 'nt':
-            import msvcrt
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-        else:
-            import fcntl
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.pread(fd, 20, 0).decode(errors='replace').strip() if hasattr(os, 'pread') else '?'
-        os.close(fd)
+    f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, 'O_NOFOLLOW', 0) | getattr(os, 'O_BINARY', 0),
+                          0o666), 'r+b')
+    if not _try_lock(f):  # (file_lock's lock, without the wait)
+        try:
+            f.seek(0)
+            holder = f.read(20).decode(errors='replace').strip()
+        except OSError:  # (Windows: the holder's locked byte cannot be read)
+            holder = ''
+        f.close()
         raise ValueError(f"{folder} is in use by another {what} (pid {holder or '?'}); wait for it to end, or give "
-                         f"another folder") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, str(os.getpid()).encode())
-    _claims[os.path.realpath(folder)] = fd
+                         f"another folder")
+    f.seek(0)
+    f.truncate(0)
+    f.write(b'%d\n' % os.getpid())
+    f.flush()
+    _claims[os.path.realpath(folder)] = f
 
 
 # -----------------------------------------------------------------------------
@@ -667,15 +667,14 @@ def load_checkpoint(path):
         raise ValueError(f"{path} is not a training checkpoint (it needs the keys 'model' and 'model_args', dicts)")
     # tensors only where a checkpoint keeps them: the model's (checked against it below) and the optimizer's
     # state, and scalars (nanoGPT's best_val_loss); others are refused rather than loaded for nothing
-    stray = [k for k, v in ckpt.items() if k not in ('model', 'optimizer') and _holds_tensor(v)]
+    stray = [k for k, v in ckpt.items() if k not in ('model', 'optimizer') and
+             any(t.numel() > 1 for t in tensors_in(v))]
     if stray:
         raise ValueError(f"{path}: refused: it holds tensors under {stray[0]!r}, which no checkpoint of "
                          f"train.py or nanoGPT has (only 'model' and 'optimizer' hold tensors)")
     model_type = ckpt.get('model_type', 'gpt')
-    if not isinstance(model_type, str) or model_type not in MODEL_TYPES:
-        raise ValueError(f"{path}: model_type={model_type!r:.40} is not one of: {', '.join(MODEL_TYPES)}")
     args = dict(ckpt['model_args'])
-    if MODEL_TYPES.get(model_type) is GPT:
+    if isinstance(model_type, str) and MODEL_TYPES.get(model_type) is GPT:  # (build_model refuses other types)
         # nanoGPT's checkpoints predate our architecture fields: they were trained with the exact GELU
         args.setdefault('activation', 'gelu')
     # torch.compile prefixes every key with _orig_mod.; old nanoGPT models also saved their causal mask
@@ -700,16 +699,6 @@ def load_checkpoint(path):
             raise ValueError(f"{path}: layer_ids={ids!r:.60} is not a list of one block index per block")
         model.layer_ids = list(ids)
     return model, ckpt
-
-
-def _holds_tensor(x):
-    todo = [x]
-    while todo:
-        x = todo.pop()
-        if isinstance(x, torch.Tensor) and x.numel() > 1:
-            return True
-        todo += x.values() if isinstance(x, dict) else x if isinstance(x, (list, tuple)) else []
-    return False
 
 
 def save_checkpoint(ckpt, path):

@@ -1022,16 +1022,23 @@ def safe_torch_load(path):
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, OverflowError, RecursionError, MemoryError) as e:
         what = 'a directory' if os.path.isdir(path) else 'truncated or corrupt'
         raise ValueError(f"{path} is {what} ({(str(e).splitlines() or [type(e).__name__])[0][:120]})") from None
-    todo = [obj]
-    while todo:  # every tensor, looked at without recursion
-        x = todo.pop()
-        if isinstance(x, dict):
-            todo += x.values()
-        elif isinstance(x, (list, tuple)):
-            todo += x
-        elif isinstance(x, torch.Tensor) and x.numel() and (
-                x.untyped_storage().nbytes() < x.numel() * x.element_size() or
-                any(st == 0 and n > 1 for n, st in zip(x.shape, x.stride()))):
+    for x in tensors_in(obj):
+        if x.numel() and (x.untyped_storage().nbytes() < x.numel() * x.element_size() or
+                          any(st == 0 and n > 1 for n, st in zip(x.shape, x.stride()))):
             raise ValueError(f"{path}: refused to load, a tensor of shape {tuple(x.shape)} views only "
                              f"{x.untyped_storage().nbytes():,} bytes of storage (an expanded tensor, not weights)")
     return obj
+
+
+def tensors_in(obj):
+    """Every tensor inside obj's dicts, lists and tuples (a loaded checkpoint), looked at without recursion (a
+    pickle can nest thousands deep)."""
+    todo = [obj]
+    while todo:
+        x = todo.pop()
+        if isinstance(x, torch.Tensor):
+            yield x
+        elif isinstance(x, dict):
+            todo += x.values()
+        elif isinstance(x, (list, tuple)):
+            todo += x

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fast_cpu
 from load import (Tokenizer, append_to, build_model, claim_folder, find_data_folder, load_checkpoint, memory_bytes,
-                  merged_vocab, output_file, pick_device, read_data_folder, save_checkpoint)
+                  merged_vocab, output_file, pick_device, read_data_folder, refuse_link, save_checkpoint)
 from model import GPT, GPTConfig, check_config
 from plot import plot_runs, read_log
 
@@ -144,10 +144,11 @@ if init_from == 'scratch' and not overwrite and found:
     # nanoGPT would train over it: one forgotten --init_from=resume and the run is gone
     die(f"out_dir {out_dir!r} holds a run already ({found[0]}); --init_from=resume continues it, --overwrite=True "
         f"starts afresh over it, or give another --out_dir")
-for f in ('ckpt.pt', 'log.csv', 'loss.png'):  # what the run will write: never through a link to a file elsewhere
-    if os.path.islink(os.path.join(out_dir, f)):
-        die(f"{os.path.join(out_dir, f)} is a symbolic link (to {os.readlink(os.path.join(out_dir, f))}); train.py "
-            f"writes its own files, never through a link: remove it, or give another --out_dir")
+try:  # what the run will write, refused now rather than at its first save
+    for f in ('ckpt.pt', 'log.csv', 'loss.png'):
+        refuse_link(os.path.join(out_dir, f))
+except ValueError as e:
+    die(e)
 try:
     device = pick_device(device)
 except ValueError as e:
@@ -248,10 +249,7 @@ def get_batch(split, g, src=None):
         try:
             window = data[s][split][i:i + block_size + 1]
         except ValueError as e:  # the data file shrank under this run: keep what was trained, then stop
-            saved = f"saved {ckpt_path} at iteration {iter_num}; " if master and iter_num > start_iter else ''
-            if saved:
-                checkpoint_now()
-            die(f"{e}; {saved}remake the data folder, then --init_from=resume")
+            die(f"{e}; {save_before_dying()}remake the data folder, then --init_from=resume")
         rows.append(tables[s][torch.from_numpy(window.astype(np.int64))])
     xy = torch.stack(rows)
     x, y = xy[:, :-1], xy[:, 1:]
@@ -525,14 +523,20 @@ def peers():
     try:
         yield
     except RuntimeError as e:  # (gloo's 'Connection closed by peer' and the like; NCCL's watchdog aborts instead)
-        if not ddp or isinstance(e, torch.OutOfMemoryError) or not isinstance(e, getattr(torch.distributed, 'DistError', ())) and \
-                'peer' not in str(e).lower():
+        lost = isinstance(e, getattr(torch.distributed, 'DistError', ())) or 'peer' in str(e).lower()
+        if not ddp or not lost or isinstance(e, torch.OutOfMemoryError):
             raise
-        saved = f"; saved {ckpt_path} at iteration {iter_num}" if master and iter_num > start_iter else ''
-        if saved:
-            checkpoint_now()
-        die(f"another process of this torchrun run is gone ({(str(e).splitlines() or ['?'])[0][:80]}){saved}; "
-            f"--init_from=resume continues")
+        die(f"another process of this torchrun run is gone ({(str(e).splitlines() or ['?'])[0][:80]}); "
+            f"{save_before_dying()}--init_from=resume continues")
+
+
+def save_before_dying():
+    """Rank 0 saves what this run trained (the weights as of its last whole step) when it must stop on an error;
+    returns what to say of it."""
+    if not (master and iter_num > start_iter):
+        return ''
+    checkpoint_now()
+    return f"saved {ckpt_path} at iteration {iter_num}; "
 
 
 # -- the training loop (nanoGPT's) ------------------------------------------------------------------------

@@ -128,8 +128,8 @@ def run_script(script, *args, cwd=None, env=None, timeout=300):
                 code = 1
     finally:
         import load
-        for fd in load._claims.values():  # the folders the script claimed, released as its exit would
-            os.close(fd)
+        for f in load._claims.values():  # the folders the script claimed, released as its exit would
+            f.close()
         load._claims.clear()
         sys.argv = saved[0]
         os.chdir(saved[1])
