@@ -6,9 +6,18 @@ attention_in_float32()).
     model = load_model(...)[0].eval().to(dtype)
     fast_cpu.optimize(model)                 # kernel choice by dtype and shape; attention in float32
     fast_cpu.optimize(model, compile=True)   # also compile the one-token decoding step (needs a C++ compiler)
+Which kernel runs is measured on the machine it runs on, not read off its ISA (kernel_choice): kernels that win
+on one CPU lose on another (README "Speed"). Its own C++ kernels (KERNELS_CPP: int8 activations times int8
+weights, and float matrix-vector products) are compiled once per machine where a C++ compiler exists.
 """
 import functools
+import hashlib
+import json
+import os
+import platform
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -61,6 +70,325 @@ def bfloat16_matmul_is_faster():
     return best(torch.float32) > 1.5 * best(torch.bfloat16)
 
 
+# -- fast_cpu's own C++ kernels, compiled once per machine -----------------------------------------------------
+
+KERNELS_CPP = r'''
+// fast_cpu's C++ kernels (torch.ops.gptlab), compiled once per machine by fast_cpu.kernels().
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
+#endif
+
+// Activations are quantized per block of 32 values as llama.cpp's Q8_0 does (symmetric: q = round(x / s),
+// s = max|x| / 127), so that one large activation costs precision in its own block only.
+constexpr int64_t BLOCK = 32;
+// int8 weights are packed in groups of 4 output rows: block b of the group's 4 rows lie one after another
+// (4 x 32 bytes), so each thread reads the weights as one sequential stream (1.2-1.6x faster than 4 rows
+// read side by side). Rows past the last whole group stay in row order.
+constexpr int64_t GROUP = 4;
+
+static bool has_avx2() {
+#if defined(__x86_64__)
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
+}
+
+static void quantize_plain(const float* x, int64_t blocks, int8_t* q, float* s) {
+  for (int64_t i = 0; i < blocks; ++i, x += BLOCK, q += BLOCK) {
+    float amax = 0.f;
+    for (int j = 0; j < BLOCK; ++j) amax = std::max(amax, std::fabs(x[j]));
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    s[i] = amax / 127.f;
+    for (int j = 0; j < BLOCK; ++j) q[j] = (int8_t)std::nearbyint(x[j] * inv);  // (ties to even, as torch.round)
+  }
+}
+
+#if defined(__x86_64__)
+AVX2 static void quantize_avx2(const float* x, int64_t blocks, int8_t* q, float* s) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  for (int64_t i = 0; i < blocks; ++i, x += BLOCK, q += BLOCK) {
+    __m256 v[4], m = _mm256_setzero_ps();
+    for (int j = 0; j < 4; ++j) m = _mm256_max_ps(m, _mm256_and_ps(v[j] = _mm256_loadu_ps(x + 8 * j), abs_mask));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    const float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+    const __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+    s[i] = amax / 127.f;
+    __m256i r[4];  // round to nearest even (the default rounding mode), then narrow 32 -> 16 -> 8 bits
+    for (int j = 0; j < 4; ++j) r[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], inv));
+    const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3]));
+    // (the packs work within 128-bit lanes: put the 8 groups of 4 values back in order)
+    _mm256_storeu_si256((__m256i*)q, _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  }
+}
+
+AVX2 static inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// x . w over one block of 32, times the block's activation scale s, added to acc. |x| (unsigned) times w with
+// x's sign (signed) makes maddubs' products x * w; it sums them in pairs to int16 (|sum| <= 2 * 127 * 128: no
+// saturation), madd sums pairs of those to int32 (llama.cpp's AVX2 trick for Q8_0).
+AVX2 static inline __m256 block_fma(__m256i ax, __m256i xv, const int8_t* w, __m256 s, __m256 acc) {
+  const __m256i p = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)w), xv));
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1))), s, acc);
+}
+#endif
+
+struct Int8Args {
+  const int8_t *xq, *w; const float *xs, *ws, *bias; float* y; int64_t M, K, N;
+  float out(int64_t n, float dot) const { return dot * ws[n] + (bias ? bias[n] : 0.f); }
+};
+
+static float row_dot_plain(const Int8Args& a, int64_t m, const int8_t* w, int64_t step) {
+  // w: one output row, its block b at w + b * step (step 32 in row order, 4 * 32 packed)
+  const int64_t nb = a.K / BLOCK;
+  float acc = 0.f;
+  for (int64_t b = 0; b < nb; ++b) {
+    int32_t d = 0;
+    for (int j = 0; j < BLOCK; ++j) d += int32_t(a.xq[m * a.K + b * BLOCK + j]) * int32_t(w[b * step + j]);
+    acc += a.xs[m * nb + b] * float(d);
+  }
+  return acc;
+}
+
+static void rows_plain(const Int8Args& a, int64_t n0, int64_t n1) {
+  const int64_t whole = a.N / GROUP * GROUP;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* w = n < whole ? a.w + (n / GROUP) * GROUP * a.K + (n % GROUP) * BLOCK : a.w + n * a.K;
+    for (int64_t m = 0; m < a.M; ++m) a.y[m * a.N + n] = a.out(n, row_dot_plain(a, m, w, n < whole ? GROUP * BLOCK : BLOCK));
+  }
+}
+
+#if defined(__x86_64__)
+AVX2 static void rows_avx2(const Int8Args& a, int64_t n0, int64_t n1) {
+  const int64_t K = a.K, nb = K / BLOCK, whole = a.N / GROUP * GROUP;
+  int64_t n = n0;
+  for (; n + GROUP <= std::min(n1, whole); n += GROUP) {  // n0 is a multiple of GROUP (see int8_linear)
+    const int8_t* w = a.w + n * K;
+    for (int64_t m = 0; m < a.M; ++m) {  // (the group's 3 KB stay in L1 for every row of x)
+      const int8_t* xr = a.xq + m * K;
+      const float* xs = a.xs + m * nb;
+      __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
+      for (int64_t b = 0; b < nb; ++b) {
+        const __m256i xv = _mm256_loadu_si256((const __m256i*)(xr + b * BLOCK));
+        const __m256i ax = _mm256_sign_epi8(xv, xv);
+        const __m256 s = _mm256_broadcast_ss(xs + b);
+        const int8_t* wb = w + b * GROUP * BLOCK;
+        c0 = block_fma(ax, xv, wb, s, c0);
+        c1 = block_fma(ax, xv, wb + BLOCK, s, c1);
+        c2 = block_fma(ax, xv, wb + 2 * BLOCK, s, c2);
+        c3 = block_fma(ax, xv, wb + 3 * BLOCK, s, c3);
+      }
+      float* y = a.y + m * a.N + n;
+      y[0] = a.out(n, hsum(c0)); y[1] = a.out(n + 1, hsum(c1)); y[2] = a.out(n + 2, hsum(c2)); y[3] = a.out(n + 3, hsum(c3));
+    }
+  }
+  for (; n < n1; ++n)  // the rows past the last whole group
+    for (int64_t m = 0; m < a.M; ++m) {
+      const int8_t* xr = a.xq + m * K;
+      __m256 c = _mm256_setzero_ps();
+      for (int64_t b = 0; b < nb; ++b) {
+        const __m256i xv = _mm256_loadu_si256((const __m256i*)(xr + b * BLOCK));
+        c = block_fma(_mm256_sign_epi8(xv, xv), xv, a.w + n * K + b * BLOCK, _mm256_broadcast_ss(a.xs + m * nb + b), c);
+      }
+      a.y[m * a.N + n] = a.out(n, hsum(c));
+    }
+}
+#endif
+
+// y = x @ (w * scale)^T + bias, x float32 (..., K) quantized per block of 32 here, w int8 (N, K) packed.
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                       const std::optional<at::Tensor>& bias, bool simd) {
+  const int64_t N = weight.size(0), K = weight.size(1);
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.size(-1) == K && K % BLOCK == 0,
+              "int8_linear: x must be contiguous float32 (..., K), K a multiple of 32");
+  TORCH_CHECK(weight.scalar_type() == at::kChar && weight.dim() == 2 && weight.is_contiguous(), "int8_linear: weight");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == N, "int8_linear: scale");
+  TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N),
+              "int8_linear: bias");
+  const int64_t M = x.numel() / K;
+  const bool avx2 = simd && has_avx2();
+  at::Tensor xq = at::empty({M * K}, x.options().dtype(at::kChar)), xs = at::empty({M * K / BLOCK}, x.options());
+#if defined(__x86_64__)
+  if (avx2) quantize_avx2(x.data_ptr<float>(), M * K / BLOCK, xq.data_ptr<int8_t>(), xs.data_ptr<float>()); else
+#endif
+  quantize_plain(x.data_ptr<float>(), M * K / BLOCK, xq.data_ptr<int8_t>(), xs.data_ptr<float>());
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  at::Tensor y = at::empty(shape, x.options());
+  const Int8Args a{xq.data_ptr<int8_t>(), weight.data_ptr<int8_t>(), xs.data_ptr<float>(), scale.data_ptr<float>(),
+                   bias ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>(), M, K, N};
+  at::parallel_for(0, (N + GROUP - 1) / GROUP, 16, [&](int64_t g0, int64_t g1) {
+#if defined(__x86_64__)
+    if (avx2) return rows_avx2(a, g0 * GROUP, std::min(N, g1 * GROUP));
+#endif
+    rows_plain(a, g0 * GROUP, std::min(N, g1 * GROUP));
+  });
+  return y;
+}
+
+// float32 or float16 weights (N, K) in row order times a few float32 rows (float16 x is converted first):
+// 4 weight rows at a time, 8 columns a step, each weight read once for all rows of x.
+template <typename W> static void float_rows_plain(const float* x, const W* w, const float* bias, float* y,
+                                                    int64_t M, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t m = 0; m < M; ++m) {
+      float acc = 0.f;
+      for (int64_t k = 0; k < K; ++k) acc += x[m * K + k] * float(w[n * K + k]);
+      y[m * N + n] = acc + (bias ? bias[n] : 0.f);
+    }
+}
+
+#if defined(__x86_64__)
+AVX2 static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+AVX2 static inline __m256 load8(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+
+template <typename W> AVX2 static void float_rows_avx2(const float* x, const W* w, const float* bias, float* y,
+                                                      int64_t M, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) {
+    const W* w0 = w + n * K;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xr = x + m * K;
+      __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
+      for (int64_t k = 0; k < K; k += 8) {
+        const __m256 xv = _mm256_loadu_ps(xr + k);
+        c0 = _mm256_fmadd_ps(load8(w0 + k), xv, c0);
+        c1 = _mm256_fmadd_ps(load8(w0 + K + k), xv, c1);
+        c2 = _mm256_fmadd_ps(load8(w0 + 2 * K + k), xv, c2);
+        c3 = _mm256_fmadd_ps(load8(w0 + 3 * K + k), xv, c3);
+      }
+      float* yr = y + m * N + n;
+      for (int r = 0; r < 4; ++r) yr[r] = hsum(r == 0 ? c0 : r == 1 ? c1 : r == 2 ? c2 : c3) + (bias ? bias[n + r] : 0.f);
+    }
+  }
+  float_rows_plain(x, w, bias, y, M, K, N, n, n1);
+}
+#endif
+
+at::Tensor float_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, bool simd) {
+  const int64_t N = weight.size(0), K = weight.size(1);
+  const bool half = weight.scalar_type() == at::kHalf;
+  TORCH_CHECK((half || weight.scalar_type() == at::kFloat) && weight.dim() == 2 && weight.is_contiguous() && K % 8 == 0,
+              "float_linear: weight must be contiguous float32 or float16 (N, K), K a multiple of 8");
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type() && x.is_contiguous() && x.size(-1) == K, "float_linear: x");
+  TORCH_CHECK(!bias || (bias->scalar_type() == x.scalar_type() && bias->is_contiguous() && bias->numel() == N),
+              "float_linear: bias");
+  const int64_t M = x.numel() / K;
+  const at::Tensor xf = half ? x.to(at::kFloat) : x, bf = bias ? bias->to(at::kFloat) : at::Tensor();
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  at::Tensor y = at::empty(shape, x.options().dtype(at::kFloat));
+  const float *xp = xf.data_ptr<float>(), *bp = bias ? bf.data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  const bool avx2 = simd && has_avx2();
+  at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t g0, int64_t g1) {
+    const int64_t n0 = g0 * 4, n1 = std::min(N, g1 * 4);
+    if (half) {
+      const c10::Half* w = weight.data_ptr<c10::Half>();
+#if defined(__x86_64__)
+      if (avx2) return float_rows_avx2(xp, w, bp, yp, M, K, N, n0, n1);
+#endif
+      float_rows_plain(xp, w, bp, yp, M, K, N, n0, n1);
+    } else {
+      const float* w = weight.data_ptr<float>();
+#if defined(__x86_64__)
+      if (avx2) return float_rows_avx2(xp, w, bp, yp, M, K, N, n0, n1);
+#endif
+      float_rows_plain(xp, w, bp, yp, M, K, N, n0, n1);
+    }
+  });
+  return half ? y.to(at::kHalf) : y;
+}
+
+TORCH_LIBRARY(gptlab, m) {
+  m.def("int8_linear(Tensor x, Tensor weight, Tensor scale, Tensor? bias, bool simd=True) -> Tensor");
+  m.def("float_linear(Tensor x, Tensor weight, Tensor? bias, bool simd=True) -> Tensor");
+  m.def("simd() -> bool");
+}
+TORCH_LIBRARY_IMPL(gptlab, CPU, m) {
+  m.impl("int8_linear", &int8_linear);
+  m.impl("float_linear", &float_linear);
+}
+TORCH_LIBRARY_IMPL(gptlab, CompositeExplicitAutograd, m) { m.impl("simd", []() { return has_avx2(); }); }
+'''
+
+
+def cache_dir():
+    """Where the compiled kernels and the kernel choices of this machine are kept: TORCH_EXTENSIONS_DIR's (or
+    torch's default, ~/.cache/torch_extensions) gpt-lab folder."""
+    root = os.environ.get('TORCH_EXTENSIONS_DIR') or os.path.join(
+        os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'torch_extensions')
+    return os.path.join(root, 'gpt-lab')
+
+
+@functools.cache  # (once a process: a library is loaded once)
+def kernels():
+    """torch.ops.gptlab with KERNELS_CPP's kernels (int8_linear, float_linear, simd), compiled the first time on
+    this machine (~15 s, one line) and kept in cache_dir(); None, with one line, where no C++ compiler builds
+    them (then the int8 and float paths use PyTorch's own kernels). The library runs anywhere torch does: its
+    AVX2 loops are chosen at run time if the CPU has AVX2, plain C++ loops otherwise."""
+    cxx = os.environ.get('CXX', 'c++')
+    torch_dir = os.path.dirname(torch.__file__)
+    flags = ['-O3', '-std=c++20', '-shared', '-fPIC', '-fopenmp', f'-I{torch_dir}/include', f'-L{torch_dir}/lib',
+             '-lc10', '-ltorch_cpu', f'-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}']
+    key = hashlib.sha256('\n'.join([KERNELS_CPP, torch.__version__, platform.machine(), cxx, *flags]).encode())
+    path = os.path.join(cache_dir(), f'kernels-{key.hexdigest()[:16]}.so')
+    if not os.path.exists(path):
+        print(f"fast_cpu: compiling its C++ kernels for this machine (once, ~15 s) into {os.path.dirname(path)}",
+              file=sys.stderr)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as tmp:
+                with open(os.path.join(tmp, 'kernels.cpp'), 'w') as f:
+                    f.write(KERNELS_CPP)
+                out = subprocess.run([cxx, os.path.join(tmp, 'kernels.cpp'), '-o', os.path.join(tmp, 'k.so'), *flags],
+                                     capture_output=True, text=True, timeout=600)
+                if out.returncode != 0:
+                    raise RuntimeError(f"{cxx} failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
+                os.replace(os.path.join(tmp, 'k.so'), path)  # (whole or not at all, should two processes race)
+        except (OSError, RuntimeError, subprocess.TimeoutExpired) as e:
+            print(f"fast_cpu: no C++ kernels ({str(e)[:200]}); PyTorch's own kernels are used", file=sys.stderr)
+            return None
+    torch.ops.load_library(path)
+    # the output's shape and dtype without running the kernel, for torch.compile (compile_decode's step)
+    torch.library.register_fake('gptlab::int8_linear')(
+        lambda x, weight, scale, bias=None, simd=True: x.new_empty((*x.shape[:-1], weight.size(0))))
+    torch.library.register_fake('gptlab::float_linear')(
+        lambda x, weight, bias=None, simd=True: x.new_empty((*x.shape[:-1], weight.size(0))))
+    return torch.ops.gptlab
+
+
+def pack_rows(q):
+    """int8 weights (out, in) in row order -> the layout of KERNELS_CPP's int8_linear: in each group of 4 rows,
+    block b (32 columns) of the 4 rows one after another; rows past the last whole group stay as they are."""
+    n, k = q.shape
+    whole = n // 4 * 4
+    groups = q[:whole].view(n // 4, 4, k // 32, 32).transpose(1, 2).reshape(whole, k)
+    return torch.cat([groups, q[whole:]])
+
+
+def unpack_rows(p):
+    """pack_rows undone: int8 weights (out, in) in row order."""
+    n, k = p.shape
+    whole = n // 4 * 4
+    return torch.cat([p[:whole].view(n // 4, k // 32, 4, 32).transpose(1, 2).reshape(whole, k), p[whole:]])
+
+
+# -- which kernel: measured on the machine it runs on -----------------------------------------------------------
+
 def one_row_matmul(x, weight, scale=None, bias=None):
     """x (in,) times weight (out, in) transposed, written as a multiply-and-sum: torch.compile turns it into
     one pass over the weight (see compile_decode). scale (out,), int8 weights' per-channel scales, and bias
@@ -71,16 +399,129 @@ def one_row_matmul(x, weight, scale=None, bias=None):
     return y if bias is None else y + bias
 
 
+def machine():
+    """What kernel speeds depend on: the CPU, the ISA PyTorch uses on it (ATEN_CPU_CAPABILITY lowers it, and
+    ONEDNN_MAX_CPU_ISA oneDNN's), torch's version and the threads."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            cpu = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), cpu)
+    except OSError:
+        pass
+    return (f"{cpu} | {torch.backends.cpu.get_cpu_capability()} | ONEDNN_MAX_CPU_ISA="
+            f"{os.environ.get('ONEDNN_MAX_CPU_ISA', '(all)')} | torch {torch.__version__} | {torch.get_num_threads()} threads")
+
+
+def _probe_layers(dtype, candidate, megabytes):
+    """Layers of GPT-2's MLP shape (768 -> 3072) holding megabytes of weights in dtype (int8: Int8Linear,
+    packed for 'ours'), each with its own memory, so that one row streams them from memory as decoding does."""
+    with torch.no_grad():
+        lin = nn.Linear(768, 3072, device='meta').to_empty(device='cpu')
+        lin.weight.copy_(torch.linspace(-0.05, 0.05, lin.weight.numel()).view_as(lin.weight))
+        lin.bias.zero_()
+        if dtype == 'int8':
+            first = Int8Linear(lin, packed=candidate == 'ours')
+        else:
+            lin.__class__ = CPULinear
+            first = lin.to(getattr(torch, dtype))
+        per_layer = sum(t.numel() * t.element_size() for t in first.state_dict().values())
+        layers = [first] + [copy_module(first) for _ in range(max(1, int(megabytes * 2**20 // per_layer)) - 1)]
+    for layer in layers:
+        layer.kernel = candidate
+    return layers
+
+
+def copy_module(m):
+    """A copy of m with memory of its own (not torch's deepcopy: one shallow copy, then each tensor cloned)."""
+    c = m.__class__.__new__(m.__class__)
+    c.__dict__ = {**m.__dict__, '_parameters': {k: None if v is None else nn.Parameter(v.detach().clone(), False)
+                                                 for k, v in m._parameters.items()},
+                  '_buffers': {k: None if v is None else v.clone() for k, v in m._buffers.items()}}
+    return c
+
+
+@functools.cache  # once a process; and kept on disk per machine (cache_dir()/kernel-choices.json)
+def kernel_choice(dtype, many):
+    """The kernels for a matmul with dtype weights ('float32', 'bfloat16', 'float16', 'int8') and one row (a
+    decoding step; a few rows too) or many (a prompt: 128 rows), fastest first, as measured on this machine:
+    each candidate (CPULinear.KERNELS, Int8Linear.KERNELS) runs on layers of GPT-2's MLP shape, alternately,
+    the best of three (one row: 48 MB of weights, more than most CPUs cache; a candidate twice as slow as the
+    best after its first run is not run again). Under a second, once per machine, torch version and thread
+    count, with one line; the result is kept in cache_dir()."""
+    key = f"{machine()} | {dtype} | {'many rows' if many else 'one row'}"
+    path = os.path.join(cache_dir(), 'kernel-choices.json')
+    try:
+        with open(path) as f:
+            known = json.load(f)
+        if isinstance(known.get(key), list):  # (filtered: a kernel that existed then may not now)
+            return tuple(name for name in known[key] if _can_run(name, dtype, many))
+    except (OSError, ValueError, AttributeError):
+        known = {}
+    kernels_of = Int8Linear.KERNELS if dtype == 'int8' else CPULinear.KERNELS
+    candidates = [name for name in kernels_of if _can_run(name, dtype, many)]
+    layers = {name: _probe_layers(dtype, name, 0 if many else 48) for name in candidates}
+    x = torch.linspace(-1, 1, (128 if many else 1) * 768).view(-1, 768).to(torch.float32 if dtype == 'int8' else
+                                                                          getattr(torch, dtype))
+    times = {name: [] for name in candidates}
+    with torch.no_grad():
+        for name in candidates:  # warm up (first calls set kernels up)
+            layers[name][0](x)
+        for _ in range(3):
+            for name in candidates:
+                if times[name] and min(times[name]) > 2 * min(min(t) for t in times.values() if t):
+                    continue
+                t0 = time.perf_counter()
+                for layer in layers[name]:
+                    layer(x)
+                times[name].append(time.perf_counter() - t0)
+    ranking = sorted(candidates, key=lambda name: min(times[name]))
+    print(f"fast_cpu: timed the {dtype} matmul kernels for {'128 rows' if many else 'one row'} on this CPU "
+          f"({torch.backends.cpu.get_cpu_capability()}): " +
+          ", ".join(f"{n} {min(times[n]) * 1e3:.2f} ms" for n in ranking) + f"; using {ranking[0]}", file=sys.stderr)
+    try:
+        os.makedirs(cache_dir(), exist_ok=True)
+        with tempfile.NamedTemporaryFile('w', dir=cache_dir(), delete=False, suffix='.tmp') as f:
+            json.dump({**known, key: ranking}, f, indent=1)
+        os.replace(f.name, path)
+    except OSError:
+        pass  # (measured again next time)
+    return tuple(ranking)
+
+
+def _can_run(name, dtype, many):
+    """Whether kernel name exists here for dtype weights (the candidates kernel_choice times)."""
+    if name == 'ours':
+        return kernels() is not None and dtype in ('float32', 'float16', 'int8')
+    if name == 'oneDNN':
+        return getattr(torch, dtype) in ONEDNN_DTYPES
+    if name == 'oneDNN in float32':
+        return dtype == 'float16' and many and torch.float32 in ONEDNN_DTYPES
+    if name == '_weight_int8pack_mm':
+        return INT8PACK
+    if name == 'dequantized bfloat16':
+        return many
+    return True
+
+
+def _onednn(x, weight, bias):
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, 'none', [], '')
+
+
 class CPULinear(nn.Linear):
-    """nn.Linear with the fastest CPU inference kernel for each dtype and shape; optimize() turns a model's
-    nn.Linears into these (same parameters, same state dict). Measured on a 2-core AMD EPYC (README,
-    bench.py), decoding reads the weights at:
-    - float32 and bfloat16: ~30 GB/s through oneDNN's matmul, ~17 GB/s through F.linear (MKL); oneDNN is
-      also 2x faster on many rows (prefill);
-    - float16: ~41 GB/s through F.linear's one-row kernel, but its many-row kernel is 8x slower than
-      upcasting to float32 for oneDNN;
-    - one row of any dtype inside compile_decode()'s step: a compiled one_row_matmul.
-    Training (gradients on), other torch.compile uses and GPUs take plain F.linear."""
+    """nn.Linear with the fastest CPU inference kernel for its dtype and row count on this machine
+    (kernel_choice); optimize() turns a model's nn.Linears into these (same parameters, same state dict).
+    The candidates: F.linear (MKL, and a hand-written float16 one-row kernel); oneDNN's matmul (on a 2-core AMD
+    EPYC with AVX-512: ~30 GB/s against MKL's ~17, and 2x faster on many rows); for float16 with many rows,
+    oneDNN in float32 (PyTorch's float16 many-row kernel is 8x slower on CPUs without AVX512-FP16); and
+    KERNELS_CPP's float_linear (float32 and float16). One row inside compile_decode()'s step is a compiled
+    one_row_matmul. Training (gradients on), other torch.compile uses and GPUs take plain F.linear."""
+    KERNELS = {
+        'F.linear': F.linear,
+        'oneDNN': _onednn,
+        'oneDNN in float32': lambda x, w, b: _onednn(x.float(), w.float(), None if b is None else b.float()).half(),
+        'ours': lambda x, w, b: torch.ops.gptlab.float_linear(x.contiguous(), w, b),
+    }
+    kernel = None  # a kernel's name, to force one (kernel_choice's probe); None: kernel_choice's fastest
 
     def forward(self, x):
         if x.device.type != 'cpu' or torch.is_grad_enabled():
@@ -89,48 +530,72 @@ class CPULinear(nn.Linear):
             if x.numel() == x.size(-1):  # compile_decode's step
                 return one_row_matmul(x.reshape(-1), self.weight, None, self.bias).view(*x.shape[:-1], -1)
             return F.linear(x, self.weight, self.bias)
-        if x.dtype == torch.float16 and x.numel() > x.size(-1) and torch.float32 in ONEDNN_DTYPES:
-            bias = None if self.bias is None else self.bias.float()
-            return torch.ops.mkldnn._linear_pointwise(x.float(), self.weight.float(), bias, 'none', [], '').half()
-        if x.dtype in ONEDNN_DTYPES:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, 'none', [], '')
-        return F.linear(x, self.weight, self.bias)
+        name = self.kernel
+        if name is None:
+            many = x.numel() > 16 * x.size(-1)
+            name = next(n for n in kernel_choice(str(x.dtype).removeprefix('torch.'), many) + ('F.linear',)
+                        if n != 'ours' or self.in_features % 8 == 0)
+        return self.KERNELS[name](x, self.weight, self.bias)
 
 
 class Int8Linear(nn.Module):
-    """A Linear whose weight is stored as int8, one float scale per output channel (symmetric: w ~= q * scale,
-    q in [-127, 127]): a quarter of float32's bytes, and decoding reads every weight once per token. The
-    activations stay float32 outside; the matmul runs PyTorch's int8-weight kernel on bfloat16 activations
-    (_weight_int8pack_mm: its float32 path is ~20x slower) or, inside compile_decode's step, a compiled one-row
-    multiply-and-sum. Many rows at once (a prefill, prune.py's scoring) instead dequantize the weight to
-    bfloat16 for oneDNN's matmul where this CPU multiplies bfloat16 natively: 2.2-2.4x faster than
-    _weight_int8pack_mm at 512 rows, 1.5x at 64 (a matrix-vector kernel at heart). Inference only:
-    quantize_int8 makes these from a loaded model."""
+    """A Linear whose weight is stored as int8, one float32 scale per output channel (symmetric: w ~= q * scale,
+    q in [-127, 127]): a quarter of float32's bytes, and decoding reads every weight once per token. Activations
+    are float32 outside; inside, the kernel kernel_choice measured fastest on this machine:
+    - 'ours' (KERNELS_CPP's int8_linear): activations quantized to int8 per block of 32 at run time, as llama.cpp's
+      Q8_0 does, and integer dot products with the int8 weights (AVX2 maddubs), the weights packed for it
+      (pack_rows; weight then holds that layout, row_order_weight() gives row order);
+    - PyTorch's int8-weight kernel on bfloat16 activations (_weight_int8pack_mm: its float32 path is ~20x slower);
+    - for many rows (a prompt, prune.py's scoring), the weight dequantized to bfloat16 (oneDNN multiplies
+      bfloat16 natively on CPUs with AVX512-BF16 or AMX: 2.2-2.4x faster than _weight_int8pack_mm at 512 rows)
+      or to float32.
+    Inside compile_decode's step one row takes 'ours' if the weights are packed, else a compiled one-row
+    multiply-and-sum. Inference only: quantize_int8 makes these from a loaded model."""
+    KERNELS = {
+        'ours': lambda self, rows: torch.ops.gptlab.int8_linear(rows.float().contiguous(), self.weight, self.scale,
+                                                                self.bias),
+        '_weight_int8pack_mm': lambda self, rows: torch.ops.aten._weight_int8pack_mm(
+            rows.to(torch.bfloat16), self.weight, self.scale_bf16).float() + (0 if self.bias is None else self.bias),
+        'dequantized bfloat16': lambda self, rows: F.linear(
+            rows.to(torch.bfloat16), self.row_order_weight().to(torch.bfloat16) * self.scale_bf16[:, None]).float()
+            + (0 if self.bias is None else self.bias),
+        'dequantized float32': lambda self, rows: F.linear(
+            rows.float(), self.row_order_weight().float() * self.scale[:, None], self.bias),
+    }
+    kernel = None  # a kernel's name, to force one; None: kernel_choice's fastest that this layer can run
 
-    def __init__(self, linear):
+    def __init__(self, linear, packed=None):
+        """packed: whether to pack the weight for 'ours'; None: if 'ours' is this machine's fastest for one row."""
         super().__init__()
         w = linear.weight.detach().float()
         scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
         self.register_buffer('weight', (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
-        self.register_buffer('scale', scale.to(torch.bfloat16))
+        self.register_buffer('scale', scale)
+        self.register_buffer('scale_bf16', scale.to(torch.bfloat16), persistent=False)  # (_weight_int8pack_mm's)
         self.register_buffer('bias', None if linear.bias is None else linear.bias.detach().float())
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        if packed is None:
+            packed = self.in_features % 32 == 0 and kernel_choice('int8', False)[0] == 'ours'
+        self.packed = packed
+        if packed:
+            self.weight = pack_rows(self.weight)
+
+    def row_order_weight(self):
+        """The int8 weight (out, in) in row order, whatever the layout it is stored in."""
+        return unpack_rows(self.weight) if self.packed else self.weight
 
     def forward(self, x):
         if torch.is_grad_enabled():
             raise RuntimeError("an int8 model is for inference only; train the float model it was quantized from")
         rows = x.reshape(-1, x.size(-1))
-        if rows.size(0) == 1 and torch.compiler.is_compiling():  # compile_decode's step
+        if torch.compiler.is_compiling():  # compile_decode's step: one row
+            if self.packed:
+                return self.KERNELS['ours'](self, rows).to(x.dtype).view(*x.shape[:-1], -1)
             y = one_row_matmul(rows[0].float(), self.weight, self.scale, self.bias)
             return y.to(x.dtype).view(*x.shape[:-1], -1)
-        if rows.size(0) >= 64 and bfloat16_matmul_is_faster():
-            y = F.linear(rows.to(torch.bfloat16), self.weight.to(torch.bfloat16) * self.scale[:, None])
-        elif INT8PACK:
-            y = torch.ops.aten._weight_int8pack_mm(rows.to(torch.bfloat16), self.weight, self.scale)
-        else:  # (correct but slow: the whole weight dequantized at every call)
-            y = F.linear(rows, self.weight.to(rows.dtype) * self.scale.to(rows.dtype)[:, None])
-        y = y.to(x.dtype).view(*x.shape[:-1], -1)
-        return y if self.bias is None else y + self.bias
+        name = self.kernel or next(n for n in kernel_choice('int8', rows.size(0) > 16) + ('dequantized float32',)
+                                   if (n == 'ours') == self.packed or n.startswith('dequantized'))
+        return self.KERNELS[name](self, rows).to(x.dtype).view(*x.shape[:-1], -1)
 
 
 def quantize_int8(model):

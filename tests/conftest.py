@@ -33,11 +33,19 @@ def tiktoken_cache(tmp_path_factory):
     return str(cache)
 
 
+@pytest.fixture(scope='session')
+def kernel_cache(tmp_path_factory):
+    """fast_cpu's compiled kernels and kernel choices (cache_dir()), one folder for the whole session: the
+    kernels compile once (~15 s), not once per test, and never into the user's own cache."""
+    return str(tmp_path_factory.mktemp('torch-extensions'))
+
+
 @pytest.fixture(autouse=True)
-def offline_env(monkeypatch, tmp_path, tiktoken_cache):
+def offline_env(monkeypatch, tmp_path, tiktoken_cache, kernel_cache):
     """No test may reach the internet: the Hub endpoint is a closed loopback port unless a test starts a
     server, and the download cache is private to the test."""
     monkeypatch.setenv('TIKTOKEN_CACHE_DIR', tiktoken_cache)
+    monkeypatch.setenv('TORCH_EXTENSIONS_DIR', kernel_cache)
     monkeypatch.setenv('HF_ENDPOINT', 'http://127.0.0.1:9')
     monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
     monkeypatch.setenv('HF_HOME', str(tmp_path / 'hf-home'))  # no test sees the user's Hugging Face cache

@@ -2,13 +2,17 @@
 active_layers still working after .to(dtype), and the compiled decoding step with its fallback."""
 import copy
 import inspect
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fast_cpu
-from conftest import greedy_reference
+from conftest import ROOT, greedy_reference
 from fast_cpu import CPULinear
 from load import load_model
 from model import GPT, GPTConfig
@@ -21,18 +25,30 @@ def rel_err(a, b):
 
 
 @pytest.mark.parametrize('dtype', [torch.float32] + HALF)
-@pytest.mark.parametrize('rows', [1, 5])
-def test_linear_paths_equal_f_linear(dtype, rows):
-    """Every CPU inference kernel CPULinear picks (oneDNN, float16's one-row kernel, float16 upcast for many
-    rows) computes what F.linear computes in float64."""
+@pytest.mark.parametrize('rows', [1, 5, 40])
+@pytest.mark.parametrize('kernel', list(CPULinear.KERNELS))
+def test_linear_paths_equal_f_linear(dtype, rows, kernel):
+    """Every CPU inference kernel CPULinear can pick (F.linear, oneDNN, float16 upcast for many rows, our
+    float_linear) computes what F.linear computes in float64, and the one kernel_choice picks is one of them."""
+    name = str(dtype).removeprefix('torch.')
+    if not fast_cpu._can_run(kernel, name, rows > 16):
+        pytest.skip(f"{kernel} is not a candidate for {name} here")
     torch.manual_seed(0)
     lin = CPULinear(96, 40).to(dtype)
     x = torch.randn(1, rows, 96).to(dtype)
     ref = F.linear(x.double(), lin.weight.double(), lin.bias.double())
     with torch.no_grad():
+        picked = lin(x)
+        lin.kernel = kernel
         out = lin(x)
     assert out.dtype == dtype and out.shape == ref.shape
     assert rel_err(out, ref) < (1e-6 if dtype == torch.float32 else 1e-2)
+    assert kernel_choice_ran_one_of(picked, CPULinear.KERNELS, x, lin)
+
+
+def kernel_choice_ran_one_of(picked, kernels, x, lin):
+    return any(torch.equal(picked, k(x, lin.weight, lin.bias)) for n, k in kernels.items()
+               if fast_cpu._can_run(n, str(x.dtype).removeprefix('torch.'), x.numel() > 16 * x.size(-1)))
 
 
 @pytest.mark.parametrize('dtype', HALF)
@@ -151,26 +167,85 @@ def test_compile_decode_keeps_the_compiled_step_only_where_it_is_faster(hf_tiny,
 
 # -- int8 weights (fast_cpu.quantize_int8) ------------------------------------------------------------------------
 
-@pytest.mark.parametrize('rows,bfloat16_native', [(1, False), (7, False), (80, False), (80, True)])
-def test_int8_linear_is_the_dequantized_matmul(rows, bfloat16_native, monkeypatch):
+@pytest.mark.parametrize('rows', [1, 7, 80])
+@pytest.mark.parametrize('kernel', list(fast_cpu.Int8Linear.KERNELS))
+def test_int8_linear_is_the_dequantized_matmul(rows, kernel):
     """Int8Linear computes x @ (q * scale)^T + b, q the per-output-channel int8 weight (symmetric, |q| <= 127),
-    through PyTorch's int8 kernel or, for 64 rows and more on a CPU with native bfloat16, a bfloat16 matmul."""
-    monkeypatch.setattr(fast_cpu, 'bfloat16_matmul_is_faster', lambda: bfloat16_native)
+    through every kernel it can pick: int8 activations (ours, weights packed), PyTorch's int8 kernel on bfloat16
+    activations, or the weight dequantized to bfloat16 or float32."""
+    if not fast_cpu._can_run(kernel, 'int8', rows > 16):
+        pytest.skip(f"{kernel} is not a candidate here")
     torch.manual_seed(0)
-    lin = torch.nn.Linear(96, 40)
-    q = fast_cpu.Int8Linear(lin)
+    lin = torch.nn.Linear(96, 42)  # (42: two rows past the last group of 4 that pack_rows packs)
+    q = fast_cpu.Int8Linear(lin, packed=kernel == 'ours')
+    q.kernel = kernel
     assert q.weight.dtype == torch.int8 and q.weight.abs().max() == 127
     scale = lin.weight.detach().abs().amax(1) / 127
-    assert torch.equal(q.weight, (lin.weight.detach() / scale[:, None]).round().to(torch.int8))
+    assert torch.equal(q.row_order_weight(), (lin.weight.detach() / scale[:, None]).round().to(torch.int8))
     x = torch.randn(1, rows, 96)
     with torch.no_grad():
         out = q(x)
-    ref = F.linear(x.double(), q.weight.double() * q.scale.double()[:, None], lin.bias.double())
-    assert out.dtype == torch.float32 and out.shape == (1, rows, 40)
-    assert rel_err(out, ref) < 1e-2  # activations meet the weights in bfloat16
+    ref = F.linear(x.double(), q.row_order_weight().double() * q.scale.double()[:, None], lin.bias.double())
+    assert out.dtype == torch.float32 and out.shape == (1, rows, 42)
+    # int8 activations (per block of 32) or bfloat16 ones; float32 is exact
+    assert rel_err(out, ref) < (1e-6 if kernel == 'dequantized float32' else 1e-2)
     assert rel_err(out, lin(x)) < 2e-2  # and the float layer's answer, within int8's rounding
     with pytest.raises(RuntimeError, match='inference only'):
         q(x)  # gradients on: training an int8 model is refused
+
+
+@pytest.mark.parametrize('simd', [True, False])
+def test_int8_activation_kernel_equals_its_integer_reference_exactly(simd):
+    """KERNELS_CPP's int8_linear (its AVX2 loop and its plain C++ loop) is an integer matmul: with activations
+    that are whole numbers and 127 in every block of 32, the block scales are 1 and the result must be exact;
+    and its quantizer is round(x * 127 / max|x|) per block (identity weights give the dequantized input back)."""
+    ops = fast_cpu.kernels()
+    assert ops is not None, "fast_cpu's C++ kernels did not compile: is a C++ compiler installed?"
+    torch.manual_seed(0)
+    for n, k in [(50, 64), (3, 96), (257, 768)]:
+        w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+        x = torch.randint(-127, 128, (3, k)).float()
+        x[:, ::32] = 127
+        y = ops.int8_linear(x, fast_cpu.pack_rows(w), torch.ones(n), None, simd)
+        assert torch.equal(y, (x.long() @ w.long().t()).float())
+        bias = torch.randn(n)
+        assert torch.equal(ops.int8_linear(x, fast_cpu.pack_rows(w), torch.ones(n), bias, simd), y + bias)
+        assert torch.equal(fast_cpu.unpack_rows(fast_cpu.pack_rows(w)), w)
+    x = torch.randn(4, 64) * 3
+    amax = x.view(-1, 32).abs().amax(1, keepdim=True)
+    q = (x.view(-1, 32) * (127 / amax)).round()
+    y = ops.int8_linear(x, fast_cpu.pack_rows(torch.eye(64, dtype=torch.int8)), torch.ones(64), None, simd)
+    assert torch.equal(y.view(-1, 32), q * (amax / 127))
+
+
+def test_kernel_choice_is_measured_and_kept_per_machine(monkeypatch, tmp_path, capsys):
+    """kernel_choice ranks the kernels by their measured time here (a kernel made slow comes last), says so
+    in one line, and keeps the ranking on disk: a later process reads it and measures nothing."""
+    monkeypatch.setenv('TORCH_EXTENSIONS_DIR', str(tmp_path))
+    slow = dict(CPULinear.KERNELS)
+    slow['F.linear'] = lambda x, w, b: (time.sleep(0.002), F.linear(x, w, b))[1]
+    monkeypatch.setattr(CPULinear, 'KERNELS', slow)
+    ranking = fast_cpu.kernel_choice.__wrapped__('float32', False)
+    assert ranking[-1] == 'F.linear' and set(ranking) == {n for n in slow if fast_cpu._can_run(n, 'float32', False)}
+    line = capsys.readouterr().err
+    assert line.count('\n') == 1 and 'timed the float32 matmul kernels for one row' in line and ranking[0] in line
+    monkeypatch.setattr(fast_cpu, '_probe_layers', None)  # (measuring again would fail)
+    assert fast_cpu.kernel_choice.__wrapped__('float32', False) == ranking and capsys.readouterr().err == ''
+
+
+def test_without_a_cpp_compiler_int8_and_float_run_on_pytorchs_kernels(tmp_path):
+    """Where no C++ compiler works (CXX names none here), fast_cpu says so in one line and quantize_int8,
+    optimize and generate work on PyTorch's own kernels."""
+    code = ("import torch, fast_cpu; from model import GPT, GPTConfig; torch.manual_seed(0);"
+            "m = GPT(GPTConfig(vocab_size=64, n_embd=32, n_head=2, n_layer=1, block_size=16));"
+            "q = fast_cpu.optimize(fast_cpu.quantize_int8(GPT(m.config).eval()));"
+            "assert not q.lm_head.packed and fast_cpu.kernels() is None;"
+            "print(q.generate(torch.zeros(1, 1, dtype=torch.long), 5, temperature=0).shape)")
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, 'CXX': str(tmp_path / 'no-compiler'), 'TORCH_EXTENSIONS_DIR': str(tmp_path)})
+    assert out.returncode == 0 and out.stdout.strip() == 'torch.Size([1, 6])', out.stderr
+    lines = [line for line in out.stderr.splitlines() if 'no C++ kernels' in line]
+    assert len(lines) == 1 and "PyTorch's own kernels are used" in lines[0], out.stderr
 
 
 def test_int8_logits_close_to_float32_and_every_loader_works(hf_plain, tmp_path):
@@ -193,9 +268,10 @@ def test_int8_logits_close_to_float32_and_every_loader_works(hf_plain, tmp_path)
 
 
 def test_int8_kv_cache_greedy_equals_recompute_and_compiled(hf_tiny, monkeypatch):
-    # one int8 kernel for every row count (not bfloat16 matmuls for 64 rows and more), so that greedy
-    # tokens can be compared exactly, whatever this CPU is
-    monkeypatch.setattr(fast_cpu, 'bfloat16_matmul_is_faster', lambda: False)
+    # one int8 kernel for every row count (the one-row choice, not a bfloat16 or float32 matmul for many rows),
+    # so that greedy tokens can be compared exactly, whatever this CPU is
+    choice = fast_cpu.kernel_choice
+    monkeypatch.setattr(fast_cpu, 'kernel_choice', lambda dtype, many: choice(dtype, False))
     folder, _ = hf_tiny
     model = fast_cpu.optimize(fast_cpu.quantize_int8(GPT.from_pretrained(folder).eval()))
     idx = torch.randint(0, 50257, (2, 5))
@@ -211,22 +287,10 @@ def test_int8_kv_cache_greedy_equals_recompute_and_compiled(hf_tiny, monkeypatch
         return logits
     eager = second_token_logits()
     assert fast_cpu.compile_decode(model, probe=False), "torch.compile failed: is a C++ compiler installed?"
-    # the compiled one-row matmul takes float32 activations, the int8 kernel bfloat16 ones
-    assert rel_err(second_token_logits(), eager) < 1e-2
-
-
-def test_int8_without_pytorchs_int8_kernel_dequantizes(monkeypatch):
-    """On a PyTorch without _weight_int8pack_mm, Int8Linear falls back to dequantize-and-multiply."""
-    torch.manual_seed(0)
-    lin = torch.nn.Linear(64, 24)
-    q = fast_cpu.Int8Linear(lin)
-    x = torch.randn(3, 64)
-    with torch.no_grad():
-        fast = q(x)
-        monkeypatch.setattr(fast_cpu, 'INT8PACK', False)
-        slow = q(x)
-    assert rel_err(slow, F.linear(x, q.weight.float() * q.scale.float()[:, None], lin.bias)) < 1e-3
-    assert rel_err(slow, fast) < 1e-2
+    if model.lm_head.packed:  # the compiled step calls the same int8-activation kernel
+        assert torch.equal(second_token_logits(), eager)
+    else:  # the compiled one-row matmul takes float32 activations, PyTorch's int8 kernel bfloat16 ones
+        assert rel_err(second_token_logits(), eager) < 1e-2
 
 
 def test_attention_in_float32_holds_under_bfloat16_autocast(monkeypatch):
