@@ -196,6 +196,10 @@ if bench == 'decode':
               'ttft': f"time to first token, {prefill_len}-token prompt (ms)",
               'b8': f"batch {batch_size}, {prompt_len}-token prompt, 100 new tokens (tok/s)"}
     capability = torch.backends.cpu.get_cpu_capability()
+    # an imitation of a smaller CPU (README "Speed") lowers ATen's and oneDNN's ISA; inductor's C++ and
+    # fast_cpu's kernels still see the real CPU, and llama.cpp is built for it (GGML_NATIVE)
+    imitated = [f'{k}={os.environ[k]}' for k in ('ATEN_CPU_CAPABILITY', 'ONEDNN_MAX_CPU_ISA') if os.environ.get(k)]
+    capability = f"{capability} ({'imitated: ' + ' '.join(imitated) if imitated else 'native'})"
     if isolate and json_out is None:
         # one process per engine and round: this process only starts them, and checks accuracy at the end
         figures = {spec: {} for spec in specs}
@@ -225,7 +229,8 @@ if bench == 'decode':
             print(title)
             for spec in specs:
                 values = figures[spec].get(key)
-                print(f"  {spec:<22} " + (f"{statistics.median(values):8.1f}" if values else "     n/a"))
+                isa = 'native build' if spec.startswith('llama.cpp-') else capability
+                print(f"  {spec:<22} " + (f"{statistics.median(values):8.1f}" if values else "     n/a") + f"   {isa}")
         median = {spec: {k: statistics.median(v) for k, v in f.items()} for spec, f in figures.items()}
         for ours, theirs in (('int8', 'ctranslate2-int8'), ('int8+compile', 'ctranslate2-int8'),
                              ('int8', 'llama.cpp-Q8_0'), ('int8+compile', 'llama.cpp-Q8_0'), ('float16', 'llama.cpp-F16'),

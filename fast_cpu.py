@@ -93,6 +93,7 @@ constexpr int64_t BLOCK = 32;
 // (4 x 32 bytes), so each thread reads the weights as one sequential stream (1.2-1.6x faster than 4 rows
 // read side by side). Rows past the last whole group stay in row order.
 constexpr int64_t GROUP = 4;
+constexpr int64_t PREFETCH = 2048;  // bytes ahead of the weights being read (measured: 2-8 KB alike)
 
 static bool has_avx2() {
 #if defined(__x86_64__)
@@ -186,6 +187,8 @@ AVX2 static void rows_avx2(const Int8Args& a, int64_t n0, int64_t n1) {
         const __m256i ax = _mm256_sign_epi8(xv, xv);
         const __m256 s = _mm256_broadcast_ss(xs + b);
         const int8_t* wb = w + b * GROUP * BLOCK;
+        _mm_prefetch((const char*)(wb + PREFETCH), _MM_HINT_T0);  // (the hardware prefetcher alone falls
+        _mm_prefetch((const char*)(wb + PREFETCH + 64), _MM_HINT_T0);  // behind: 10-20% slower)
         c0 = block_fma(ax, xv, wb, s, c0);
         c1 = block_fma(ax, xv, wb + BLOCK, s, c1);
         c2 = block_fma(ax, xv, wb + 2 * BLOCK, s, c2);
@@ -264,6 +267,8 @@ template <typename W> AVX2 static void float_rows_avx2(const float* x, const W* 
       const float* xr = x + m * K;
       __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
       for (int64_t k = 0; k < K; k += 8) {
+        if (m == 0 && k % 32 == 0)  // (as for int8: prefetching ahead of each row's stream measured faster)
+          for (int r = 0; r < 4; ++r) _mm_prefetch((const char*)(w0 + r * K + k + PREFETCH / sizeof(W)), _MM_HINT_T0);
         const __m256 xv = _mm256_loadu_ps(xr + k);
         c0 = _mm256_fmadd_ps(load8(w0 + k), xv, c0);
         c1 = _mm256_fmadd_ps(load8(w0 + K + k), xv, c1);
