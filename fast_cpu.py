@@ -267,8 +267,6 @@ template <typename W> AVX2 static void float_rows_avx2(const float* x, const W* 
       const float* xr = x + m * K;
       __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
       for (int64_t k = 0; k < K; k += 8) {
-        if (m == 0 && k % 32 == 0)  // (as for int8: prefetching ahead of each row's stream measured faster)
-          for (int r = 0; r < 4; ++r) _mm_prefetch((const char*)(w0 + r * K + k + PREFETCH / sizeof(W)), _MM_HINT_T0);
         const __m256 xv = _mm256_loadu_ps(xr + k);
         c0 = _mm256_fmadd_ps(load8(w0 + k), xv, c0);
         c1 = _mm256_fmadd_ps(load8(w0 + K + k), xv, c1);
