@@ -681,7 +681,8 @@ def compile_decode(model, probe=True):
     """Compile token-by-token decoding on CPU with torch.compile (it needs a C++ compiler): each one-token step
     of a GPT (batch 1) runs as one compiled call, so the ~200 small eager kernels and dozens of dispatches a
     token become a handful of C++ loops, and every matmul of one row becomes a multiply-and-sum
-    (one_row_matmul) that streams the weights once, int8 scales and biases in the same pass. Prefill, batches
+    (one_row_matmul) that streams the weights once, int8 scales and biases in the same pass (packed int8
+    weights instead call KERNELS_CPP's int8_linear, a custom op inside the graph). Prefill, batches
     and gradients keep the model's own forward (one graph serves every position: no recompiling per prompt).
     It compiles before returning (GPT-2 124M: ~30 s the first time, 11-13 s once inductor has cached it).
     Returns False, with a one-line note on stderr, if compiling is not possible here, or (probe) if the
