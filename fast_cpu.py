@@ -17,12 +17,13 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from load import output_file
 
 
 def _onednn_linear_works(dtype):
@@ -52,7 +53,7 @@ def _int8pack_works():
 INT8PACK = _int8pack_works()
 
 
-@functools.cache  # measured once per process: train.py and every int8 prefill ask the same question
+@functools.cache  # measured once per process: train.py asks it (int8 prompts ask kernel_choice)
 def bfloat16_matmul_is_faster():
     """True if this CPU multiplies bfloat16 matrices at least 1.5x faster than float32, measured on the shape of
     a training loss's output layer (256 rows x 128 -> 8,192). CPUs with AVX512-BF16 or AMX do (oneDNN, ~2.5x on
@@ -354,15 +355,12 @@ def kernels():
               file=sys.stderr)
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as tmp:
-                with open(os.path.join(tmp, 'kernels.cpp'), 'w') as f:
-                    f.write(KERNELS_CPP)
-                out = subprocess.run([cxx, os.path.join(tmp, 'kernels.cpp'), '-o', os.path.join(tmp, 'k.so'), *flags],
+            with output_file(path) as tmp:  # (whole or not at all, should two processes race; the source on stdin)
+                out = subprocess.run([cxx, '-x', 'c++', '-', '-o', tmp, *flags], input=KERNELS_CPP,
                                      capture_output=True, text=True, timeout=600)
                 if out.returncode != 0:
                     raise RuntimeError(f"{cxx} failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
-                os.replace(os.path.join(tmp, 'k.so'), path)  # (whole or not at all, should two processes race)
-        except (OSError, RuntimeError, subprocess.TimeoutExpired) as e:
+        except (OSError, ValueError, RuntimeError, subprocess.TimeoutExpired) as e:
             print(f"fast_cpu: no C++ kernels ({str(e)[:200]}); PyTorch's own kernels are used", file=sys.stderr)
             return None
     torch.ops.load_library(path)
@@ -483,11 +481,10 @@ def kernel_choice(dtype, many):
           ", ".join(f"{n} {min(times[n]) * 1e3:.2f} ms" for n in ranking) + f"; using {ranking[0]}", file=sys.stderr)
     try:
         os.makedirs(cache_dir(), exist_ok=True)
-        with tempfile.NamedTemporaryFile('w', dir=cache_dir(), delete=False, suffix='.tmp') as f:
+        with output_file(path) as tmp, open(tmp, 'w') as f:
             json.dump({**known, key: ranking}, f, indent=1)
-        os.replace(f.name, path)
-    except OSError:
-        pass  # (measured again next time)
+    except (OSError, ValueError):  # (unwritable, or a link: measured again next time)
+        pass
     return tuple(ranking)
 
 
