@@ -58,6 +58,7 @@ attention_compile = False  # the decoding models with fast_cpu.compile_decode (t
 attention_train = True  # also time training at block_size 1,024 (study.py --study=attention skips it)
 attention_n_layer = 12  # the decoding models' depth and width (GPT-2 124M's; heads of 64; smaller for quick checks)
 attention_n_embd = 768
+short_conv = 0  # the linear family's short convolution (model.GPTConfig.short_conv; softmax has none)
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 torch.set_num_threads(threads)
@@ -435,13 +436,14 @@ elif bench == 'attention':
     # decoding: softmax reads a KV cache that grows with the position; the linear family carries a fixed-size state
     models = {k: fast_cpu.cast(GPT(GPTConfig(block_size=max(positions) + decode_tokens + 1, vocab_size=50257,
                                              n_layer=attention_n_layer, n_embd=attention_n_embd,
-                                             n_head=max(1, attention_n_embd // 64), attention=k)).eval(),
+                                             n_head=max(1, attention_n_embd // 64), attention=k,
+                                             short_conv=0 if k == 'softmax' else short_conv)).eval(),
                             attention_dtype, 'cpu') for k in kinds}
     if attention_compile and not all(fast_cpu.compile_decode(m, probe=False) for m in models.values()):
         sys.exit("bench.py: error: attention_compile=True needs torch.compile (a C++ compiler)")
     print(f"decode cost per token by position: {attention_n_layer} x {attention_n_embd}"
           f"{' (GPT-2 124M shape)' if (attention_n_layer, attention_n_embd) == (12, 768) else ''}, "
-          f"{attention_dtype} weights"
+          f"{attention_dtype} weights{f', short_conv={short_conv}' if short_conv else ''}"
           f"{', compiled step' if attention_compile else ''}, batch 1, "
           f"top_k={top_k}, {threads} threads, {torch.backends.cpu.get_cpu_capability()}, median of {repeats}")
     g = torch.Generator().manual_seed(seed)
@@ -466,7 +468,8 @@ elif bench == 'attention':
     B, T = 2, 1024
     batch = (torch.randint(0, 6722, (B, T), generator=g), torch.randint(0, 6722, (B, T), generator=g))
     train_models = {k: GPT(GPTConfig(block_size=T, vocab_size=6722, n_layer=4, n_head=4, n_embd=128, bias=False,
-                                     norm='rmsnorm', attention=k)) for k in kinds}
+                                     norm='rmsnorm', attention=k, short_conv=0 if k == 'softmax' else short_conv))
+                    for k in kinds}
     if attention_train:
         times = training_times(train_models, [batch] * 3)
         tps = {k: 3 * B * T / statistics.median(times[k]) for k in kinds}

@@ -43,6 +43,7 @@ class GPTConfig:
     # 'deltanet' (the delta rule) or 'gated_deltanet' (the delta rule with a forget gate)
     rope_base: float = 10000.0  # RoPE's base wavelength
     chunk_size: int = 16  # the linear family: chunk length of the chunkwise-parallel form (16 trains GLA fastest here)
+    short_conv: int = 0  # the linear family: kernel size of a causal depthwise convolution on q, k, v (0: none)
 
 
 ATTENTION_KINDS = ('softmax', 'linear', 'gla', 'deltanet', 'gated_deltanet')
@@ -69,11 +70,12 @@ def check_config(config):
             raise ValueError(f"{f.name}={v!r:.40} must be {want}")
     for name, ok in (('n_layer', config.n_layer >= 1), ('n_head', config.n_head >= 1), ('n_embd', config.n_embd >= 1),
                      ('vocab_size', config.vocab_size >= 1), ('block_size', config.block_size >= 1),
-                     ('chunk_size', config.chunk_size >= 1), ('dropout', 0 <= config.dropout < 1),
+                     ('chunk_size', config.chunk_size >= 1), ('short_conv', config.short_conv >= 0),
+                     ('dropout', 0 <= config.dropout < 1),
                      ('norm_eps', config.norm_eps > 0), ('rope_base', config.rope_base > 0)):
         if not ok:
-            raise ValueError(f"{name}={getattr(config, name)} is out of range (sizes >= 1, 0 <= dropout < 1, "
-                             f"norm_eps > 0, rope_base > 0)")
+            raise ValueError(f"{name}={getattr(config, name)} is out of range (sizes >= 1, short_conv >= 0, "
+                             f"0 <= dropout < 1, norm_eps > 0, rope_base > 0)")
     allowed = {'activation': tuple(ACTIVATIONS), 'norm': ('layernorm', 'rmsnorm'), 'norm_position': ('pre', 'post'),
                'pos_emb': ('learned', 'rope', 'none'), 'attention': ATTENTION_KINDS}
     for name, values in allowed.items():
@@ -85,6 +87,9 @@ def check_config(config):
     if config.attention in HALF_KEYS and head % (4 if config.pos_emb == 'rope' else 2):
         raise ValueError(f"attention={config.attention!r} halves the head size ({head}) for keys; it must be even "
                          f"(a multiple of 4 with pos_emb='rope')")
+    if config.short_conv and config.attention == 'softmax':
+        raise ValueError(f"short_conv={config.short_conv} is an option of the linear family (linear, gla, deltanet, "
+                         f"gated_deltanet); softmax attention has none: leave it 0")
     if config.pos_emb == 'rope' and head % 2:
         raise ValueError(f"pos_emb='rope' rotates pairs of dimensions: the head size ({head}) must be even")
 
@@ -330,18 +335,23 @@ class LinearAttention(nn.Module):
       (eq. 4, temperature 16), keys of half the head size (softmax attention's parameter count), then a
       per-head RMSNorm and a SiLU output gate (section 4.4);
     - 'gated_deltanet' (Yang, Kautz & Hatamizadeh 2024): the delta rule (delta_rule_recurrent) with
-      q = l2norm(silu(x W_q)), k = l2norm(silu(x W_k)), v = silu(x W_v) (the paper's figure 1, without its
-      short convolution: see README), a write strength b = sigmoid(x W_b) and a forget gate a per head, keys of
-      half the head size and GLA's head norm and output gate; 'deltanet' is the same with a = 1."""
+      q = l2norm(silu(x W_q)), k = l2norm(silu(x W_k)), v = silu(x W_v) (the paper's figure 1; its short
+      convolution before the SiLU with short_conv=4), a write strength b = sigmoid(x W_b) and a forget gate a
+      per head, keys of half the head size and GLA's head norm and output gate; 'deltanet' is the same with a = 1.
+    short_conv, for every kind of the family, is off by default; study.py's attention study turns it on."""
 
     def __init__(self, config):
         super().__init__()
         self.n_head, self.chunk_size, self.kind = config.n_head, config.chunk_size, config.attention
+        self.short_conv = config.short_conv
         self.delta = self.kind in ('deltanet', 'gated_deltanet')  # the delta rule's state update
         self.gated = self.kind in ('gla', 'gated_deltanet')  # a forget gate
         head_size = config.n_embd // config.n_head
         self.dk = key_size(config)  # key (and query) size per head
         self.c_attn = nn.Linear(config.n_embd, 2 * self.n_head * self.dk + config.n_embd, bias=config.bias)
+        if config.short_conv:  # one filter of short_conv taps per channel of q, k and v (see short_convolution)
+            width = 2 * self.n_head * self.dk + config.n_embd
+            self.conv_weight = nn.Parameter(nn.Conv1d(width, width, config.short_conv, groups=width).weight.detach())
         if self.kind == 'gla':
             self.gate_proj = nn.Sequential(nn.Linear(config.n_embd, 16, bias=False),
                                            nn.Linear(16, self.n_head * self.dk))  # low-rank forget gate
@@ -362,15 +372,32 @@ class LinearAttention(nn.Module):
             self.head_norm = RMSNorm(head_size, eps=config.norm_eps)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.state = None  # {name: (B, n_head, dk, dv)} while generating, left by the prefill for the next token
+        # {name: (B, n_head, dk, dv)} while generating, left by the prefill for the next token (and 'conv': the
+        # short convolution's last inputs)
+        self.state = None
 
-    def qkv(self, x):
+    def short_convolution(self, u, start_pos):
+        """The short convolution of Gated DeltaNet (figure 1; H3 and Mamba before it): channel c's output at t
+        is sum_j w[c, j] u[t - K + 1 + j, c] over the K = short_conv latest inputs, zeros before the text. It
+        hands each position its neighbours' keys and values, which recall needs (Zoology, arXiv 2312.04927,
+        section 4) and which a state alone cannot give. While generating, the last K - 1 inputs are carried."""
+        K = self.conv_weight.size(-1)
+        past = u.new_zeros(u.size(0), K - 1, u.size(2)) if start_pos is None or start_pos == 0 else self.state['conv']
+        u = torch.cat([past, u], dim=1)
+        if start_pos is not None:
+            self.state['conv'] = u[:, u.size(1) - (K - 1):]
+        return F.conv1d(u.transpose(1, 2), self.conv_weight.to(u.dtype), groups=u.size(2)).transpose(1, 2)
+
+    def qkv(self, x, start_pos=None):
         """Queries, keys (B, n_head, T, dk) and values (B, n_head, T, head_size): for 'linear' phi(q), phi(k),
         positive so that the normalizer is; for 'gla' q scaled by 1/sqrt(dk), as softmax attention's scores;
         for the delta rule unit-norm q and k (its write k_t k_t^T is a projection only for |k_t| = 1; the head
-        norm after it makes a scale of q irrelevant)."""
+        norm after it makes a scale of q irrelevant). With short_conv, convolved over time first."""
         sizes = [self.n_head * self.dk, self.n_head * self.dk, x.size(-1)]
-        q, k, v = (heads(t, self.n_head) for t in self.c_attn(x).split(sizes, dim=2))
+        u = self.c_attn(x)
+        if self.short_conv:
+            u = self.short_convolution(u, start_pos)
+        q, k, v = (heads(t, self.n_head) for t in u.split(sizes, dim=2))
         if self.delta:
             return F.normalize(F.silu(q), dim=-1), F.normalize(F.silu(k), dim=-1), F.silu(v)
         if self.gated:
@@ -420,7 +447,7 @@ class LinearAttention(nn.Module):
         B, T, C = x.size()
         if start_pos == 0:
             self.state = {}  # a prefill starts the state afresh
-        q, k, v = self.qkv(x)
+        q, k, v = self.qkv(x, start_pos)
         # (a rotation keeps the delta rule's keys unit-norm)
         rq, rk = (q, k) if rope is None else (apply_rope(q, *rope), apply_rope(k, *rope))
         if self.kind == 'linear':

@@ -58,6 +58,7 @@ norm_position = 'pre'  # transformer: 'pre' (GPT-2) or 'post' (the 2017 Transfor
 pos_emb = 'learned'  # transformer: 'learned', 'rope' or 'none' (NoPE)
 attention = 'softmax'  # transformer: 'softmax', 'linear', 'gla' (gated linear attention), 'deltanet', 'gated_deltanet'
 chunk_size = 16  # transformer with the linear family (linear, gla, deltanet, gated_deltanet): chunk length of the chunked form
+short_conv = 0  # transformer, the linear family: kernel of a causal convolution on q, k, v (0: none; the paper's: 4)
 embed_size = 128  # lstm, kgram_mlp: embedding width
 hidden_size = 256  # lstm: hidden state width
 kgram_k = 3  # kgram_mlp: tokens of context
@@ -120,7 +121,7 @@ input_files = [f.strip() for f in input_files.split(',') if f.strip()] if isinst
 # the Transformer's architecture (the vocabulary comes from the data); values a model cannot have stop here
 gpt_config = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias, dropout=dropout,
                        activation=activation, norm=norm, norm_position=norm_position, pos_emb=pos_emb,
-                       attention=attention, chunk_size=chunk_size)
+                       attention=attention, chunk_size=chunk_size, short_conv=short_conv)
 if model_type == 'transformer':
     try:
         check_config(gpt_config)

@@ -161,7 +161,8 @@ def test_attention_study_trains_every_kind_and_times_decoding(datasets, tmp_path
     overrides = ' '.join(TINY + [f'dataset={datasets["compact"]}', 'max_iters=4', 'eval_interval=4', 'n_head=2'])
     proc = run_script('study.py', '--study=attention', '--base=', f'--overrides={overrides}', f'--study_dir={study_dir}',
                       '--attention_kinds=softmax,gated_deltanet', '--stories_overrides=', '--recall_pairs=3',
-                      '--recall_keys=6', '--recall_overrides=max_iters=4 block_size=32', '--positions=4,12',
+                      '--recall_keys=6', '--recall_lines=300', '--recall_overrides=max_iters=4 block_size=32',
+                      '--positions=4,12',
                       '--decode_overrides=--decode_tokens=2 --repeats=1 --attention_n_layer=1 --attention_n_embd=64')
     assert proc.returncode == 0, proc.stderr
     result = json.load(open(study_dir / 'attention.json'))
@@ -170,6 +171,7 @@ def test_attention_study_trains_every_kind_and_times_decoding(datasets, tmp_path
     for kind in result['kinds']:
         _, _, ckpt = load_model('resume', str(study_dir / f'stories-{kind}'))
         assert ckpt['model_args']['attention'] == kind and ckpt['iter_num'] == 4
+        assert ckpt['model_args']['short_conv'] == (0 if kind == 'softmax' else 4)  # the linear family's
         assert result['stories'][kind]['val_loss'] > 0 and result['stories'][kind]['tokens_per_s'] > 0
         for n in ('3',):
             _, tokenizer, ckpt = load_model('resume', str(study_dir / f'recall-{n}-{kind}'))

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from conftest import assert_one_line_error, greedy_reference, run_script, script_functions
 
-from model import (GPT, GPTConfig, apply_rope, delta_rule_chunked, delta_rule_recurrent, linear_attention_chunked,
-                   linear_attention_recurrent, rope_tables)
+from model import (GPT, GPTConfig, apply_rope, check_config, delta_rule_chunked, delta_rule_recurrent,
+                   linear_attention_chunked, linear_attention_recurrent, rope_tables)
 
 
 @pytest.mark.parametrize('decay', [False, True], ids=['linear', 'gla'])
@@ -168,6 +168,24 @@ def test_greedy_generate_equals_recompute(pos_emb, norm, norm_position, attentio
     out = model.generate(prompt, 25, temperature=0)
     assert torch.equal(out, greedy_reference(model, prompt, 25))
     assert len(set(out[0, 12:].tolist())) > 3  # decoding varies: the state and positions matter
+
+
+@pytest.mark.parametrize('attention', ['linear', 'gla', 'deltanet', 'gated_deltanet'])
+def test_short_convolution_generates_as_it_recomputes(attention):
+    """The short convolution's last inputs, carried while generating, give what recomputing the whole text
+    gives: over a prompt shorter than the kernel, one longer, and past block_size."""
+    config = GPTConfig(block_size=20, vocab_size=32, n_layer=2, n_head=2, n_embd=16, pos_emb='rope',
+                       attention=attention, chunk_size=5, short_conv=4)
+    model = trained(config)
+    for n in (2, 12):
+        prompt = counting_batch(2, n)
+        assert torch.equal(model.generate(prompt, 25, temperature=0), greedy_reference(model, prompt, 25))
+    x = counting_batch(2, 12)  # causal: a later token changes no earlier position's output
+    y = x.clone()
+    y[:, 8] = (y[:, 8] + 1) % 32
+    assert torch.equal(model(x)[0][:, :8], model(y)[0][:, :8]) and not torch.equal(model(x)[0], model(y)[0])
+    with pytest.raises(ValueError, match='short_conv=4 is an option of the linear family'):
+        check_config(GPTConfig(attention='softmax', short_conv=4))
 
 
 @pytest.mark.parametrize('attention', ['softmax', 'linear', 'gla', 'deltanet', 'gated_deltanet'])
