@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -48,13 +49,14 @@ runs = 'learning_rate=1e-3;learning_rate=3e-3;learning_rate=1e-2'  # sweep: ';' 
 study_dir = 'out-study'  # overfitting, sweep, attention: the runs (one folder each), JSON and figure go here
 # attention: every kind at the same width, depth and steps (base, overrides, then these)
 attention_kinds = 'softmax,linear,gla,deltanet,gated_deltanet'  # the kinds compared
-stories_overrides = 'max_iters=200 eval_interval=100'  # TinyStories runs (base's dataset)
-recall_pairs: tuple | int = (4, 8)  # associative recall: key-value pairs per line, one set of runs each
+stories_overrides = 'max_iters=100 eval_interval=100'  # TinyStories runs (base's dataset)
+recall_pairs: tuple | int = (2, 4)  # associative recall: key-value pairs per line, one set of runs each
 recall_keys = 40  # recall: distinct keys (and values) of data/make_mqar.py
 recall_lines = 20000  # recall: training lines per number of pairs (4,000 were learned by heart within 2,000 steps)
 # RoPE: with learned positions softmax recalled 41% after 3,000 steps, with RoPE 72% after 2,000 (README)
-recall_overrides = ('n_layer=2 n_embd=64 block_size=64 batch_size=32 max_iters=1500 eval_interval=1500 '
-                    'learning_rate=3e-3 warmup_iters=100 pos_emb=rope')  # recall runs
+recall_overrides = ('n_layer=2 n_embd=64 block_size=64 batch_size=32 max_iters=1000 eval_interval=1000 '
+                    'learning_rate=1e-2 warmup_iters=100 pos_emb=rope')  # recall runs
+recall_jobs = 2  # recall runs trained at once, the cores shared out (2 threads do little for so small a model)
 short_conv = 4  # the linear family's runs (stories and recall): train.py's short_conv, the paper's 4 (0: none)
 positions: tuple | int = (100, 1000, 4000)  # decode cost per token at these positions (bench.py's attention bench)
 decode_overrides = '--decode_tokens=16 --repeats=1'  # more bench.py settings for the decode timing
@@ -196,9 +198,9 @@ if __name__ == '__main__':
             die("the prompt is empty; give --start=...")
         return ids
 
-    def train_run(run_dir, settings):
-        """Train one run with train.py in a process of its own (its output goes to run_dir/train.out);
-        returns its last evaluation's numbers from log.csv."""
+    def train_run(run_dir, settings, threads=None):
+        """Train one run with train.py in a process of its own (its output goes to run_dir/train.out), on
+        threads CPU threads if given; returns its last evaluation's numbers from log.csv."""
         os.makedirs(run_dir, exist_ok=True)
         cmd = [sys.executable, os.path.join(HERE, 'train.py'), *([base] if base else []),
                *(f'--{s}' for s in overrides.split() + settings), f'--out_dir={run_dir}', '--overwrite=True',
@@ -206,7 +208,8 @@ if __name__ == '__main__':
         t0 = time.time()
         refuse_link(os.path.join(run_dir, 'train.out'))  # (written as the run goes, to watch; never through a link)
         with open(os.path.join(run_dir, 'train.out'), 'w') as log:
-            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.PIPE, text=True)
+            env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.PIPE, text=True, env=env)
         if proc.returncode != 0:
             lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith(('overriding', 'note'))]
             die(f"the run {' '.join(settings) or '(base)'} failed: {lines[-1] if lines else proc.returncode}")
@@ -238,6 +241,8 @@ if __name__ == '__main__':
     from model import ATTENTION_KINDS
     if study == 'attention' and (not kinds or any(k not in ATTENTION_KINDS for k in kinds)):
         die(f"attention_kinds={attention_kinds!r}: give some of {', '.join(ATTENTION_KINDS)}, comma-separated")
+    if not isinstance(recall_jobs, int) or recall_jobs < 1:
+        die(f"recall_jobs={recall_jobs} must be a whole number >= 1 (recall runs trained at once)")
     if not isinstance(short_conv, int) or short_conv < 0 or not isinstance(recall_lines, int) or recall_lines < 1:
         die(f"short_conv={short_conv} must be a whole number >= 0 (0: none) and recall_lines={recall_lines} >= 1")
     if any(not isinstance(n, int) or not 1 <= n <= recall_keys for n in recall_pairs):
@@ -378,10 +383,22 @@ if __name__ == '__main__':
                    f'--seed={seed + 1}', '--n_lines=200')  # other lines than training's: recall, not memory
             folder = os.path.join(study_dir, f'mqar-{n}')
             script(os.path.join('data', 'prepare.py'), f'--source={text}', '--compact_vocab=True', f'--out_dir={folder}')
-            for kind in kinds:
-                run_dir = os.path.join(study_dir, f'recall-{n}-{kind}')
-                numbers = train_run(run_dir, recall_overrides.split() + [f'attention={kind}', f'input_files={folder}',
-                                                                         'tinystories_weight=0.0'] + conv(kind))
+            run_dirs = [os.path.join(study_dir, f'recall-{n}-{kind}') for kind in kinds]
+            threads = max(1, (os.cpu_count() or 1) // recall_jobs) if device == 'cpu' else None
+            failed = []  # a failed run ends the study: the runs not started yet never start
+
+            def recall_run(run_dir, kind):
+                if failed:
+                    return None
+                try:
+                    return train_run(run_dir, recall_overrides.split() + [f'attention={kind}', f'input_files={folder}',
+                                                                          'tinystories_weight=0.0'] + conv(kind), threads)
+                except SystemExit:
+                    failed.append(run_dir)
+                    raise
+            with ThreadPoolExecutor(recall_jobs) as pool:  # each thread waits on one train.py process
+                done = list(pool.map(recall_run, run_dirs, kinds))
+            for kind, run_dir, numbers in zip(kinds, run_dirs, done):
                 model, tokenizer, _ = load('resume', run_dir)
                 with open(test) as f:
                     rows = [mqar_answers(tokenizer, line.strip()) for line in f if line.strip()]
@@ -427,7 +444,7 @@ if __name__ == '__main__':
             ax.grid(alpha=0.3)
         axes[1].legend(fontsize=8)
         fig.suptitle(f"attention kinds at the same width, depth and steps ({os.path.basename(base) or 'no base'} "
-                     f"{overrides} {stories_overrides}; recall: {recall_overrides}; linear family: short_conv="
+                     f"{overrides} {stories_overrides};\nrecall: {recall_overrides}; linear family: short_conv="
                      f"{short_conv})".replace('  ', ' '), fontsize=9)
         result = dict(study='attention', base=base, overrides=overrides, stories_overrides=stories_overrides,
                       recall_overrides=recall_overrides, recall_keys=recall_keys, recall_lines=recall_lines,

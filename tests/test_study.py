@@ -185,6 +185,7 @@ def test_attention_study_trains_every_kind_and_times_decoding(datasets, tmp_path
     (['--study=topp'], ["study='topp' is not one of: top_p, overfitting, sweep, attention"]),
     (['--study=attention', '--attention_kinds=mamba'], ["attention_kinds='mamba': give some of softmax"]),
     (['--study=attention', '--recall_pairs=0'], ['recall_pairs=(0,) must be whole numbers from 1']),
+    (['--study=attention', '--recall_jobs=0'], ['recall_jobs=0 must be a whole number >= 1']),
     (['--top_ps=0,0.5'], ['top_p']),
     (['--study=sweep', '--runs=--learning_rate=1'], ["is not key=value"]),
     (['--study=sweep', '--runs=;'], ['runs is empty']),
@@ -200,6 +201,15 @@ def test_a_failed_run_is_reported_in_one_line(datasets, tmp_path):
     proc = run_script('study.py', '--study=sweep', '--base=', f'--study_dir={tmp_path}',
                       f'--overrides=dataset={datasets["compact"]}', '--runs=block_size=100000')
     assert_one_line_error(proc, 'the run block_size=100000 failed', 'block_size=100000 is longer than the train split')
+
+
+def test_a_failed_recall_run_ends_the_study_in_one_line(datasets, tmp_path):
+    overrides = ' '.join(TINY + [f'dataset={datasets["compact"]}', 'max_iters=2', 'eval_interval=2', 'n_head=2'])
+    proc = run_script('study.py', '--study=attention', '--base=', f'--overrides={overrides}', f'--study_dir={tmp_path}',
+                      '--attention_kinds=softmax,linear', '--stories_overrides=', '--recall_pairs=3', '--recall_keys=6',
+                      '--recall_lines=50', '--recall_overrides=block_size=100000', '--recall_jobs=1')
+    assert_one_line_error(proc, 'block_size=100000 attention=softmax', 'failed', 'is longer than the train split')
+    assert (tmp_path / 'stories-linear').is_dir() and not (tmp_path / 'recall-3-linear').exists()  # never started
 
 
 def test_train_tokens_too_few_is_refused(datasets, tmp_path):
