@@ -433,11 +433,12 @@ elif bench == 'attention':
     if any(k not in ATTENTION_KINDS for k in kinds):
         sys.exit(f"bench.py: error: attention_kinds={attention_kinds!r}: each must be one of {', '.join(ATTENTION_KINDS)}")
     positions = (positions,) if isinstance(positions, int) else tuple(positions)
+    conv = {k: 0 if k == 'softmax' else short_conv for k in kinds}  # (the linear family's option only)
     # decoding: softmax reads a KV cache that grows with the position; the linear family carries a fixed-size state
     models = {k: fast_cpu.cast(GPT(GPTConfig(block_size=max(positions) + decode_tokens + 1, vocab_size=50257,
                                              n_layer=attention_n_layer, n_embd=attention_n_embd,
                                              n_head=max(1, attention_n_embd // 64), attention=k,
-                                             short_conv=0 if k == 'softmax' else short_conv)).eval(),
+                                             short_conv=conv[k])).eval(),
                             attention_dtype, 'cpu') for k in kinds}
     if attention_compile and not all(fast_cpu.compile_decode(m, probe=False) for m in models.values()):
         sys.exit("bench.py: error: attention_compile=True needs torch.compile (a C++ compiler)")
@@ -468,7 +469,7 @@ elif bench == 'attention':
     B, T = 2, 1024
     batch = (torch.randint(0, 6722, (B, T), generator=g), torch.randint(0, 6722, (B, T), generator=g))
     train_models = {k: GPT(GPTConfig(block_size=T, vocab_size=6722, n_layer=4, n_head=4, n_embd=128, bias=False,
-                                     norm='rmsnorm', attention=k, short_conv=0 if k == 'softmax' else short_conv))
+                                     norm='rmsnorm', attention=k, short_conv=conv[k]))
                     for k in kinds}
     if attention_train:
         times = training_times(train_models, [batch] * 3)
