@@ -171,13 +171,13 @@ def test_compile_decode_keeps_the_compiled_step_only_where_it_is_faster(hf_tiny,
 @pytest.mark.parametrize('kernel', list(fast_cpu.Int8Linear.KERNELS))
 def test_int8_linear_is_the_dequantized_matmul(rows, kernel):
     """Int8Linear computes x @ (q * scale)^T + b, q the per-output-channel int8 weight (symmetric, |q| <= 127),
-    through every kernel it can pick: int8 activations (ours, weights packed), PyTorch's int8 kernel on bfloat16
-    activations, or the weight dequantized to bfloat16 or float32."""
+    through every kernel it can pick: int8 activations (ours, AVX2 or AVX-512, weights packed), PyTorch's int8
+    kernel on bfloat16 activations, or the weight dequantized to bfloat16 or float32."""
     if not fast_cpu._can_run(kernel, 'int8', rows > 16):
         pytest.skip(f"{kernel} is not a candidate here")
     torch.manual_seed(0)
     lin = torch.nn.Linear(96, 42)  # (42: two rows past the last group of 4 that pack_rows packs)
-    q = fast_cpu.Int8Linear(lin, packed=kernel == 'ours')
+    q = fast_cpu.Int8Linear(lin, packed=kernel.startswith('ours'))
     q.kernel = kernel
     assert q.weight.dtype == torch.int8 and q.weight.abs().max() == 127
     scale = lin.weight.detach().abs().amax(1) / 127
@@ -194,13 +194,23 @@ def test_int8_linear_is_the_dequantized_matmul(rows, kernel):
         q(x)  # gradients on: training an int8 model is refused
 
 
-@pytest.mark.parametrize('simd', [True, False])
-def test_int8_activation_kernel_equals_its_integer_reference_exactly(simd):
-    """KERNELS_CPP's int8_linear (its AVX2 loop and its plain C++ loop) is an integer matmul: with activations
-    that are whole numbers and 127 in every block of 32, the block scales are 1 and the result must be exact;
-    and its quantizer is round(x * 127 / max|x|) per block (identity weights give the dequantized input back)."""
+ISAS = {0: 'plain C++', 1: 'AVX2', 2: 'AVX-512 with VNNI'}  # KERNELS_CPP's isa argument
+
+
+def kernels_with(isa):
     ops = fast_cpu.kernels()
     assert ops is not None, "fast_cpu's C++ kernels did not compile: is a C++ compiler installed?"
+    if ops.isa() < isa:
+        pytest.skip(f"this CPU has no {ISAS[isa]}")
+    return ops
+
+
+@pytest.mark.parametrize('isa', list(ISAS))
+def test_int8_activation_kernel_equals_its_integer_reference_exactly(isa):
+    """KERNELS_CPP's int8_linear (its AVX-512, AVX2 and plain C++ loops) is an integer matmul: with activations
+    that are whole numbers and 127 in every block of 32, the block scales are 1 and the result must be exact;
+    and its quantizer is round(x * 127 / max|x|) per block (identity weights give the dequantized input back)."""
+    ops, simd = kernels_with(isa), isa
     torch.manual_seed(0)
     for n, k in [(50, 64), (3, 96), (257, 768)]:
         w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
@@ -216,6 +226,21 @@ def test_int8_activation_kernel_equals_its_integer_reference_exactly(simd):
     q = (x.view(-1, 32) * (127 / amax)).round()
     y = ops.int8_linear(x, fast_cpu.pack_rows(torch.eye(64, dtype=torch.int8)), torch.ones(64), None, simd)
     assert torch.equal(y.view(-1, 32), q * (amax / 127))
+
+
+@pytest.mark.parametrize('isa', list(ISAS))
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
+def test_float_kernel_equals_f_linear_at_every_isa(isa, dtype):
+    """KERNELS_CPP's float_linear at each vector ISA computes F.linear in float64's values, also where the
+    input width is not a multiple of the vector's 16 columns (the AVX-512 loop's masked last step) and the
+    rows are not a multiple of the 4 it reads at a time."""
+    ops = kernels_with(isa)
+    torch.manual_seed(0)
+    for n, k, rows in [(42, 40, 1), (7, 24, 3), (3072, 768, 1)]:
+        w, b, x = torch.randn(n, k).to(dtype), torch.randn(n).to(dtype), torch.randn(rows, k).to(dtype)
+        y = ops.float_linear(x, w, b, isa)
+        assert y.dtype == dtype and rel_err(y, F.linear(x.double(), w.double(), b.double())) < (
+            1e-6 if dtype == torch.float32 else 1e-3)
 
 
 def test_kernel_choice_is_measured_and_kept_per_machine(monkeypatch, tmp_path, capsys):
