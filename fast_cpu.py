@@ -102,8 +102,9 @@ constexpr int64_t PREFETCH = 2048;  // bytes ahead of the weights being read (me
 static int64_t cpu_isa() {
 #if defined(__x86_64__)
   if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))) return 0;
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vnni") ? 2 : 1;
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vnni") ? 2 : 1;
 #else
   return 0;
 #endif
@@ -396,7 +397,8 @@ template <typename W> AVX512 static void float_rows_avx512(const float* x, const
 }
 #endif
 
-at::Tensor float_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, int64_t isa) {
+at::Tensor float_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                        int64_t isa) {
   const int64_t N = weight.size(0), K = weight.size(1);
   const bool half = weight.scalar_type() == at::kHalf;
   TORCH_CHECK((half || weight.scalar_type() == at::kFloat) && weight.dim() == 2 && weight.is_contiguous() && K % 8 == 0,
