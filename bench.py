@@ -29,6 +29,7 @@ bench = 'decode'  # 'decode' (vs transformers, CTranslate2), 'train' (vs nanoGPT
 engines_list: str | tuple = 'transformers,ctranslate2-float32,ctranslate2-int8,llama.cpp-F16,llama.cpp-Q8_0,float32,float32+compile,float16,bfloat16,bfloat16+compile,int8,int8+compile'  # what to compare
 isolate = True  # each engine in a process of its own, engine after engine, repeats rounds (a loaded engine slows others)
 llama_cpp = '~/.cache/llama-bench/llama_cpp_python-0.3.36/vendor/llama.cpp'  # llama.cpp's sources with build/bin/llama-bench (bash ../shared/tools/build-llama-bench)
+llama_isa = 'native build'  # how the table describes that build, e.g. 'AVX2 build' for one made without AVX-512 (README "Speed")
 weights: str | None = None  # (set for its own processes) the folder of the random GPT-2 weights every engine loads
 json_out: str | None = None  # (set for its own processes) where a process writes its figures
 new_tokens: tuple | int = (100, 500)  # decode lengths to measure
@@ -231,7 +232,7 @@ if bench == 'decode':
             print(title)
             for spec in specs:
                 values = figures[spec].get(key)
-                isa = 'native build' if spec.startswith('llama.cpp-') else capability
+                isa = llama_isa if spec.startswith('llama.cpp-') else capability
                 print(f"  {spec:<22} " + (f"{statistics.median(values):8.1f}" if values else "     n/a") + f"   {isa}")
         median = {spec: {k: statistics.median(v) for k, v in f.items()} for spec, f in figures.items()}
         for ours, theirs in (('int8', 'ctranslate2-int8'), ('int8+compile', 'ctranslate2-int8'),

@@ -566,9 +566,11 @@ def kernel_choice(dtype, many):
     decoding step; a few rows too) or many (a prompt: 128 rows), fastest first, as measured on this machine:
     each candidate (CPULinear.KERNELS, Int8Linear.KERNELS) runs on layers of GPT-2's MLP shape, alternately,
     the best of three (one row: 48 MB of weights, more than most CPUs cache; a candidate twice as slow as the
-    best after its first run is not run again). Under a second, once per machine, torch version and thread
-    count, with one line; the result is kept in cache_dir()."""
-    key = f"{machine()} | {dtype} | {'many rows' if many else 'one row'}"
+    best after its first run is not run again). Under a second, once per machine, torch version, thread count
+    and version of KERNELS_CPP, with one line; the result is kept in cache_dir()."""
+    # (the kernels' source in the key too: a ranking of an earlier version of our kernels says nothing of these)
+    ours = hashlib.sha256(KERNELS_CPP.encode()).hexdigest()[:8]
+    key = f"{machine()} | kernels {ours} | {dtype} | {'many rows' if many else 'one row'}"
     path = os.path.join(cache_dir(), 'kernel-choices.json')
     try:
         with open(path) as f:
