@@ -414,23 +414,16 @@ at::Tensor float_linear(const at::Tensor& x, const at::Tensor& weight, const std
   const float *xp = xf.data_ptr<float>(), *bp = bias ? bf.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   isa = std::min(isa, cpu_isa());
+  auto rows = [&](const auto* w, int64_t n0, int64_t n1) {  // (w: float or c10::Half)
+#if defined(__x86_64__)
+    if (isa == 2) return float_rows_avx512(xp, w, bp, yp, M, K, N, n0, n1);
+    if (isa == 1) return float_rows_avx2(xp, w, bp, yp, M, K, N, n0, n1);
+#endif
+    float_rows_plain(xp, w, bp, yp, M, K, N, n0, n1);
+  };
   at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t g0, int64_t g1) {
     const int64_t n0 = g0 * 4, n1 = std::min(N, g1 * 4);
-    if (half) {
-      const c10::Half* w = weight.data_ptr<c10::Half>();
-#if defined(__x86_64__)
-      if (isa == 2) return float_rows_avx512(xp, w, bp, yp, M, K, N, n0, n1);
-      if (isa == 1) return float_rows_avx2(xp, w, bp, yp, M, K, N, n0, n1);
-#endif
-      float_rows_plain(xp, w, bp, yp, M, K, N, n0, n1);
-    } else {
-      const float* w = weight.data_ptr<float>();
-#if defined(__x86_64__)
-      if (isa == 2) return float_rows_avx512(xp, w, bp, yp, M, K, N, n0, n1);
-      if (isa == 1) return float_rows_avx2(xp, w, bp, yp, M, K, N, n0, n1);
-#endif
-      float_rows_plain(xp, w, bp, yp, M, K, N, n0, n1);
-    }
+    if (half) rows(weight.data_ptr<c10::Half>(), n0, n1); else rows(weight.data_ptr<float>(), n0, n1);
   });
   return half ? y.to(at::kHalf) : y;
 }
