@@ -18,6 +18,7 @@ import platform
 import subprocess
 import sys
 import time
+import warnings
 
 import torch
 import torch.nn as nn
@@ -800,14 +801,89 @@ def decode_seconds(model, tokens=6):
     return best
 
 
+# Inductor inlines cheap elementwise work into its consumers; inside a one-row matmul that would recompute a
+# LayerNorm or GELU for every weight row (measured: blocks 1.8x slower), so small results are stored.
+STEP_OPTIONS = {'realize_opcount_threshold': 0, 'realize_acc_reads_threshold': 0}
+
+
+def aot_step(model, eager, blocks):
+    """The one-token step of a GPT whose blocks keep key/value caches, compiled ahead of time by AOTInductor
+    (torch.export, then inductor's C++): step(idx, start_pos) -> (logits, None), C++ from input to output.
+    Per token it saves what a torch.compile'd step spends in Python (dynamo's guards, inductor's wrapper that
+    calls each kernel): int8 1.15-1.3x, float16 1.08-1.11x faster on a 2-core Zen 4 (README "Speed"). The
+    compiled library holds no weights: it reads the model's own tensors in place (so compile a model after it
+    has its final dtype and weights, as optimize(model, compile=True) does). It is kept in cache_dir(), keyed
+    by the exported graph and the weights' shapes: a model of the same shape and dtype compiles once (~25 s),
+    later only exports (~5 s)."""
+    class Step(nn.Module):
+        # the caches are inputs, written in place; start_pos is the length of an empty tensor, the form in
+        # which export keeps an integer symbolic: one library for every position and cache length
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, idx, position, caches):
+            for block, k, v in zip(blocks, caches[0::2], caches[1::2]):
+                block.attn.cache = (k, v)
+            return eager(idx, start_pos=position.size(0))[0]
+    module, longest = Step(), model.block_size or 4096
+    model.setup_cache(1, 3)  # (examples: position 2 and caches of length 4; 0 and 1 would be taken as constants)
+    caches = [t for block in blocks for t in block.attn.cache]
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter('ignore')  # (that Step assigns the caches: it is meant to)
+            program = torch.export.export(
+                module, (torch.zeros(1, 1, dtype=torch.long), torch.empty(2, 0), caches), strict=False,
+                dynamic_shapes=({}, {0: torch.export.Dim('position', min=1, max=longest - 1)},
+                                [{2: torch.export.Dim('length', min=3, max=longest + 1)}] * len(caches)))
+    finally:
+        model.setup_cache(None, None)
+    weights = {**program.constants, **dict(module.named_parameters(remove_duplicate=False)),
+               **dict(module.named_buffers(remove_duplicate=False))}
+    key = hashlib.sha256('\n'.join([str(program.graph), machine(), repr(STEP_OPTIONS), *sorted(
+        f'{k}={v}' for k, v in os.environ.items() if k.startswith('TORCHINDUCTOR')), *(
+        f'{name} {tuple(t.shape)} {t.stride()} {t.dtype}' for name, t in weights.items())]).encode())
+    path = os.path.join(cache_dir(), f'step-{key.hexdigest()[:16]}.pt2')
+    if not os.path.exists(path):
+        print(f"compile_decode: compiling the one-token step with AOTInductor (once per model shape and dtype, "
+              f"~25 s) into {cache_dir()}", file=sys.stderr)
+        os.makedirs(cache_dir(), exist_ok=True)
+        with output_file(path) as tmp:
+            torch._inductor.aoti_compile_and_package(program, package_path=tmp, inductor_configs={
+                **STEP_OPTIONS, 'aot_inductor.package_constants_in_so': False})
+    runner = torch._inductor.aoti_load_package(path)
+    runner.load_constants({name: weights[name].detach() for name in runner.get_constant_fqns()},
+                          check_full_update=True, user_managed=True)
+
+    def step(idx, start_pos):
+        return runner(idx, torch.empty(start_pos, 0), [t for block in blocks for t in block.attn.cache]), None
+    return step
+
+
+def dynamo_step(eager):
+    """The one-token step through torch.compile, which compiles it on the first call: for models whose state is
+    replaced each step (the linear-attention family) rather than written into a cache."""
+    # each model compiled in a process adds graphs of GPT.forward: raise dynamo's limit of 8 per function, past
+    # which it would decode uncompiled without a word (recompile_limit since torch 2.6, cache_size_limit before)
+    dynamo_config = torch._dynamo.config
+    limit = 'recompile_limit' if hasattr(dynamo_config, 'recompile_limit') else 'cache_size_limit'
+    setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), 64))
+    # dynamic=True: one graph for every position and state (the weights' shapes stay fixed)
+    step = torch.compile(eager, dynamic=True, options=STEP_OPTIONS)
+    return lambda idx, start_pos: step(idx, start_pos=start_pos)
+
+
 def compile_decode(model, probe=True):
-    """Compile token-by-token decoding on CPU with torch.compile (it needs a C++ compiler): each one-token step
-    of a GPT (batch 1) runs as one compiled call, so the ~200 small eager kernels and dozens of dispatches a
-    token become a handful of C++ loops, and every matmul of one row becomes a multiply-and-sum
-    (one_row_matmul) that streams the weights once, int8 scales and biases in the same pass (packed int8
-    weights instead call KERNELS_CPP's int8_linear, a custom op inside the graph). Prefill, batches
-    and gradients keep the model's own forward (one graph serves every position: no recompiling per prompt).
-    It compiles before returning (GPT-2 124M: ~30 s the first time, 11-13 s once inductor has cached it).
+    """Compile token-by-token decoding on CPU (it needs a C++ compiler): each one-token step of a GPT (batch 1)
+    runs as one compiled call, so the ~200 small eager kernels and dozens of dispatches a token become a handful
+    of C++ loops, and every matmul of one row becomes a multiply-and-sum (one_row_matmul) that streams the
+    weights once, int8 scales and biases in the same pass (packed int8 weights instead call KERNELS_CPP's
+    int8_linear, a custom op inside the graph). A model whose blocks all keep a key/value cache (softmax
+    attention: GPT-2) is compiled ahead of time (aot_step): the step is then a C++ function, with no Python,
+    guards or wrapper per call; the linear-attention family, whose state is replaced each step, goes through
+    torch.compile. Prefill, batches and gradients keep the model's own forward (one graph serves every
+    position: no recompiling per prompt). It compiles before returning (GPT-2 124M: ~30 s the first time on a
+    2-core CPU; 5-13 s once the compiled step is cached).
     Returns False, with a one-line note on stderr, if compiling is not possible here, or (probe) if the
     compiled step decodes slower than the eager one on this CPU, timed alternately for a moment
     (decode_seconds): kernels that win on one ISA lose on another (README "Speed"), so the choice is measured
@@ -815,31 +891,26 @@ def compile_decode(model, probe=True):
     if 'forward' in vars(model):  # compiled already
         return True
     eager = model.forward
-    # each model compiled in a process adds graphs of GPT.forward: raise dynamo's limit of 8 per function, past
-    # which it would decode uncompiled without a word (recompile_limit since torch 2.6, cache_size_limit before)
-    dynamo_config = torch._dynamo.config
-    limit = 'recompile_limit' if hasattr(dynamo_config, 'recompile_limit') else 'cache_size_limit'
-    setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), 64))
-    # dynamic=True: one graph for every position and cache length (the weights' shapes stay fixed). Inductor
-    # inlines cheap elementwise work into its consumers; inside a one-row matmul that would recompute a
-    # LayerNorm or GELU for every weight row (measured: blocks 1.8x slower), so small results are stored.
-    step = torch.compile(eager, dynamic=True,
-                         options={'realize_opcount_threshold': 0, 'realize_acc_reads_threshold': 0})
+    blocks = getattr(getattr(model, 'transformer', None), 'h', [])
 
     def forward(idx, targets=None, start_pos=None):
         if start_pos and idx.shape == (1, 1) and targets is None and not torch.is_grad_enabled():
-            return step(idx, start_pos=start_pos)
+            return step(idx, start_pos)
         return eager(idx, targets, start_pos)
-    model.forward = forward
-    try:  # compile now, so that a missing compiler shows here (greedy: no random numbers drawn)
-        model.generate(torch.zeros(1, 1, dtype=torch.long), 3, temperature=0)
+    try:  # compile now (torch.compile would on the first call), so that a missing compiler shows here
+        if blocks and all(hasattr(block.attn, 'cache') for block in blocks):
+            step = aot_step(model, eager, blocks)
+        else:
+            step = dynamo_step(eager)
+        model.forward = forward
+        model.generate(torch.zeros(1, 1, dtype=torch.long), 3, temperature=0)  # (greedy: no random numbers drawn)
     except ValueError:  # (the model's own one-line error: its logits are NaN)
-        del model.forward
+        vars(model).pop('forward', None)
         raise
     except Exception as e:  # no C++ compiler, or no inductor for this platform
-        del model.forward
-        print(f"compile_decode: torch.compile is not available here ({type(e).__name__}); decoding runs "
-              f"uncompiled", file=sys.stderr)
+        vars(model).pop('forward', None)
+        print(f"compile_decode: compiling is not available here ({type(e).__name__}); decoding runs uncompiled",
+              file=sys.stderr)
         return False
     if probe:
         times = {'compiled': [], 'eager': []}

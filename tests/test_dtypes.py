@@ -93,20 +93,23 @@ def test_active_layers_and_loaders_after_to_dtype(hf_plain, tmp_path, dtype):
     assert out.shape == (1, 22)
 
 
-def test_compile_decode_generates_the_same_tokens(hf_tiny):
+def test_compile_decode_generates_the_same_tokens(hf_tiny, monkeypatch):
     folder, _ = hf_tiny
     model = fast_cpu.optimize(GPT.from_pretrained(folder).eval())
     idx = torch.randint(0, 50257, (1, 6))
     ref = model.generate(idx, 40, temperature=0)  # past block_size (32): the cache is refilled
-    torch._dynamo.reset()  # (no graph of an earlier test's model to reuse: the count below starts clean)
-    graphs = torch._dynamo.utils.counters['stats']['unique_graphs']
-    assert fast_cpu.compile_decode(model, probe=False), "torch.compile failed: is a C++ compiler installed?"
-    assert torch._dynamo.utils.counters['stats']['unique_graphs'] == graphs + 1  # the step, compiled once
-    graphs += 1
+    assert fast_cpu.compile_decode(model, probe=False), "compiling failed: is a C++ compiler installed?"
+    compiles, graphs = [], torch._dynamo.utils.counters['stats']['unique_graphs']
+    aoti = torch._inductor.aoti_compile_and_package
+    monkeypatch.setattr(torch._inductor, 'aoti_compile_and_package', lambda *a, **k: compiles.append(a) or aoti(*a, **k))
     assert torch.equal(model.generate(idx, 40, temperature=0), ref)
-    # another prompt length and token count run the same graph: compiling again would cost seconds per sample
+    # another prompt length and token count run the same step: compiling again would cost seconds per sample
     model.generate(idx[:, :3], 7, temperature=0)
-    assert torch._dynamo.utils.counters['stats']['unique_graphs'] == graphs
+    # and another model of the same shape loads the step compiled for the first (cache_dir())
+    again = fast_cpu.optimize(GPT.from_pretrained(folder).eval())
+    assert fast_cpu.compile_decode(again, probe=False)
+    assert torch.equal(again.generate(idx, 40, temperature=0), ref)
+    assert compiles == [] and torch._dynamo.utils.counters['stats']['unique_graphs'] == graphs
     with torch.no_grad():  # the one-token step is the compiled one, and equals the eager forward
         model.setup_cache(1, 8)
         model(idx[:, :4], start_pos=0)
@@ -126,11 +129,11 @@ def test_compile_decode_works_for_every_attention_kind(attention, pos_emb):
     fast_cpu.optimize(model)
     idx = torch.randint(0, 97, (1, 5))
     ref = model.generate(idx, 30, temperature=0)
-    assert fast_cpu.compile_decode(model, probe=False), "torch.compile failed: is a C++ compiler installed?"
+    assert fast_cpu.compile_decode(model, probe=False), "compiling failed: is a C++ compiler installed?"
     assert torch.equal(model.generate(idx, 30, temperature=0), ref)
 
 
-def test_compile_decode_falls_back_without_a_compiler(hf_tiny, monkeypatch, capsys):
+def test_compile_decode_falls_back_without_a_compiler(hf_tiny, monkeypatch, capsys, tmp_path):
     folder, _ = hf_tiny
     model = fast_cpu.optimize(GPT.from_pretrained(folder).eval())
     idx = torch.randint(0, 50257, (1, 6))
@@ -141,8 +144,10 @@ def test_compile_decode_falls_back_without_a_compiler(hf_tiny, monkeypatch, caps
             raise RuntimeError('no C++ compiler found')
         return fail
     monkeypatch.setattr(fast_cpu.torch, 'compile', no_compiler)
+    monkeypatch.setattr(fast_cpu.torch._inductor, 'aoti_compile_and_package', no_compiler(None))
+    monkeypatch.setattr(fast_cpu, 'cache_dir', lambda: str(tmp_path))  # (nothing compiled: the step is not there)
     assert fast_cpu.compile_decode(model) is False
-    assert 'torch.compile is not available here (RuntimeError); decoding runs uncompiled' in capsys.readouterr().err
+    assert 'compiling is not available here (RuntimeError); decoding runs uncompiled' in capsys.readouterr().err
     assert torch.equal(model.generate(idx, 10, temperature=0), ref)
 
 
@@ -316,9 +321,10 @@ def test_int8_kv_cache_greedy_equals_recompute_and_compiled(hf_tiny, monkeypatch
             model.setup_cache(None, None)
         return logits
     eager = second_token_logits()
-    assert fast_cpu.compile_decode(model, probe=False), "torch.compile failed: is a C++ compiler installed?"
-    if model.lm_head.packed:  # the compiled step calls the same int8-activation kernel
-        assert torch.equal(second_token_logits(), eager)
+    assert fast_cpu.compile_decode(model, probe=False), "compiling failed: is a C++ compiler installed?"
+    if model.lm_head.packed:  # the compiled step calls the same int8-activation kernel (the norms and GELU
+        # around it are inductor's C++ loops, which round differently from ATen's: measured 2.7e-7)
+        assert rel_err(second_token_logits(), eager) < 1e-5
     else:  # the compiled one-row matmul takes float32 activations, PyTorch's int8 kernel bfloat16 ones
         assert rel_err(second_token_logits(), eager) < 1e-2
 
