@@ -27,7 +27,7 @@ active_layers: str | tuple | list | int | None = None  # blocks to run: None, 'e
 seed = 1337  # random seed, so a run can be repeated
 device = 'auto'  # 'cpu', 'cuda', 'cuda:1', 'mps', ...; 'auto' picks cuda > mps > cpu
 dtype = 'auto'  # 'float32', 'bfloat16', 'float16' or 'int8' (CPU) weights; 'auto': bfloat16 on a GPU that has it, else float32
-compile = False  # torch.compile the decoding step (CPU: fast_cpu.compile_decode, 1.4-1.9x faster; needs a C++ compiler)
+compile = False  # compile the decoding step (CPU: fast_cpu.compile_decode, AOTInductor; needs a C++ compiler; else torch.compile)
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())  # command line or config file
 # -----------------------------------------------------------------------------
 
