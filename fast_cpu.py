@@ -855,8 +855,15 @@ def aot_step(model, eager, blocks):
     runner.load_constants({name: weights[name].detach() for name in runner.get_constant_fqns()},
                           check_full_update=True, user_managed=True)
 
-    def step(idx, start_pos):  # (the runner's own call rebuilds its input and output trees each time; this
-        # is its flat form: the inputs in order, the one output in a list)
+    first = next(module.parameters())  # a .to() or .half() after this gives every weight new memory
+    address = first.data_ptr()
+
+    def step(idx, start_pos):
+        if first.data_ptr() != address:  # (the library would read freed memory)
+            raise RuntimeError("compile_decode: the model's weights were moved or cast after compiling; give a model "
+                               "its final dtype and device before fast_cpu.compile_decode")
+        # (the runner's own call rebuilds its input and output trees each time; this is its flat form: the
+        # inputs in order, the one output in a list)
         return runner.loader.boxed_run([idx, torch.empty(start_pos, 0), *(t for block in blocks
                                                                           for t in block.attn.cache)])[0], None
     return step

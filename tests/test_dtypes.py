@@ -110,6 +110,10 @@ def test_compile_decode_generates_the_same_tokens(hf_tiny, monkeypatch):
     assert fast_cpu.compile_decode(again, probe=False)
     assert torch.equal(again.generate(idx, 40, temperature=0), ref)
     assert compiles == [] and torch._dynamo.utils.counters['stats']['unique_graphs'] == graphs
+    # the compiled step reads the weights in place: after a cast it refuses in one line, it reads no freed memory
+    again.double()
+    with pytest.raises(RuntimeError, match="weights were moved or cast after compiling"):
+        again.generate(idx, 3, temperature=0)
     with torch.no_grad():  # the one-token step is the compiled one, and equals the eager forward
         model.setup_cache(1, 8)
         model(idx[:, :4], start_pos=0)
