@@ -357,3 +357,53 @@ def test_attention_in_float32_holds_under_bfloat16_autocast(monkeypatch):
     assert torch.allclose(loss32, loss, rtol=1e-2)
     for g, g32 in zip(grads, grads32):
         assert ((g32 - g).norm() / g.norm()).item() < 0.05
+
+
+def vma_of(address):
+    """The fields of /proc/self/smaps for the mapping that holds address."""
+    fields, inside = {}, False
+    with open('/proc/self/smaps') as f:
+        for line in f:
+            head = line.split()[0]
+            if '-' in head and not head.endswith(':'):
+                start, end = (int(a, 16) for a in head.split('-'))
+                inside = start <= address < end
+            elif inside:
+                fields[head.rstrip(':')] = line.split()[1]
+    return fields
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'int8'])
+def test_huge_pages_move_the_weights_and_change_no_output(dtype, monkeypatch):
+    """optimize() puts every weight of 2 MB or more in memory marked for 2 MB pages (THPeligible in the
+    kernel's own account), keeps GPT's tied embedding and output layer one tensor, and changes no logit."""
+    try:
+        with open('/sys/kernel/mm/transparent_hugepage/enabled') as f:
+            if '[never]' in f.read():
+                pytest.skip("transparent huge pages are off in this kernel")
+    except OSError:
+        pytest.skip("no transparent huge pages here (not Linux)")
+    torch.manual_seed(0)
+
+    def model():
+        m = GPT(GPTConfig(block_size=16, vocab_size=16384, n_layer=1, n_head=2, n_embd=128)).eval()  # wte: 8 MB
+        return fast_cpu.quantize_int8(m) if dtype == 'int8' else m  # (int8: its own output layer of 2 MB)
+    moved, plain = fast_cpu.optimize(model()), model()
+    with monkeypatch.context() as m:
+        m.setattr(fast_cpu, 'huge_pages', lambda model: model)
+        fast_cpu.optimize(plain)
+    idx = torch.randint(0, 16384, (1, 8))
+    with torch.no_grad():
+        before = plain(idx)[0]
+        state = {k: v.clone() for k, v in plain.state_dict().items()}
+        fast_cpu.huge_pages(plain)
+        after = plain(idx)[0]
+    for model in (moved, plain):
+        for t in (model.transformer.wte.weight, model.lm_head.weight):
+            assert t.data_ptr() % fast_cpu.HUGE_PAGE == 0 and vma_of(t.data_ptr()).get('THPeligible') == '1'
+        small = model.transformer.h[0].mlp.c_fc.weight  # 128 KB (int8: 64 KB): where it was
+        assert small.data_ptr() % fast_cpu.HUGE_PAGE or vma_of(small.data_ptr()).get('THPeligible') != '1'
+        if dtype == 'float32':
+            assert model.lm_head.weight is model.transformer.wte.weight
+    assert all(torch.equal(v, state[k]) for k, v in plain.state_dict().items())
+    assert torch.equal(after, before)
