@@ -811,11 +811,11 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None):
     """Next token ids (B, 1) from logits (B, V): temperature 0 is greedy argmax; otherwise the logits are
     cut to the top_k largest, divided by temperature, cut to the top_p nucleus, and sampled. Logits that are
     NaN or infinite (NaN weights) stop it with a one-line ValueError, not a traceback or text from garbage."""
+    logits, ids = logits.float(), None  # (exact for half-precision logits; a CPU argmax of 50257 is 3x faster)
     if temperature == 0:
         choice = torch.argmax(logits, dim=-1, keepdim=True)
         check_finite(logits.gather(-1, choice))  # (argmax takes a NaN for the largest: one NaN or inf shows here)
         return choice
-    logits, ids = logits.float(), None
     if top_k is not None and top_k < logits.size(-1):
         # sample among the k largest directly: topk returns them sorted, so softmax and top-p work on k values
         logits, ids = torch.topk(logits, top_k, dim=-1)
