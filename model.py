@@ -163,6 +163,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.cache = None  # (keys, values), each (B, n_head, max_len, head_size), while generating
         self.compute_dtype = None  # the attention product's dtype (None: the activations'); see fast_cpu.py
+        self.one_query_attention = None  # a kernel for one query in inference (None: SDPA's); see fast_cpu.py
 
     def qkv(self, x, rope=None):
         """Queries, keys, values (B, n_head, T, head_size) of x, with RoPE applied to q and k."""
@@ -175,11 +176,14 @@ class CausalSelfAttention(nn.Module):
 
     def setup_cache(self, batch_size, max_len):
         w = self.c_proj.weight
+        # keys and values are kept in the dtype c_attn makes them in, before a compute_dtype casts them: exact,
+        # and with half-precision weights each token reads half the bytes of a float32 cache (int8 weights
+        # make float32 activations)
+        dtype = w.dtype if w.is_floating_point() else self.compute_dtype or torch.float32
         # (one spare position: a slice of the whole cache would be contiguous, a case torch.compile would
         # compile a second time in fast_cpu.compile_decode)
         self.cache = None if batch_size is None else tuple(w.new_empty(
-            batch_size, self.n_head, max_len + 1, w.size(0) // self.n_head, dtype=self.compute_dtype or w.dtype)
-            for _ in range(2))
+            batch_size, self.n_head, max_len + 1, w.size(0) // self.n_head, dtype=dtype) for _ in range(2))
 
     def forward(self, x, start_pos=None, rope=None):
         B, T, C = x.size()
@@ -193,8 +197,11 @@ class CausalSelfAttention(nn.Module):
         # a single new token may see every cached position, so it needs no mask
         # a compute_dtype holds under autocast too, which would otherwise cast q, k, v back to half precision
         with torch.autocast(x.device.type, enabled=False) if self.compute_dtype is not None else nullcontext():
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                               is_causal=T > 1)
+            if T == 1 and self.one_query_attention is not None and not self.training:
+                y = self.one_query_attention(q, k, v)  # (it reads a half-precision cache as it is)
+            else:
+                y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), is_causal=T > 1,
+                                                   dropout_p=self.dropout if self.training else 0.0)
         y = y.to(x.dtype).transpose(1, 2).reshape(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
 

@@ -257,6 +257,48 @@ def test_float_kernel_equals_f_linear_at_every_isa(isa, dtype):
             1e-6 if dtype == torch.float32 else 1e-3)
 
 
+@pytest.mark.parametrize('isa', [0, 1])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
+def test_one_query_attention_equals_sdpa(isa, dtype):
+    """KERNELS_CPP's one_query_attention (AVX2 and plain C++ loops) is SDPA's softmax(q k^T / sqrt(D)) v in
+    float64's values, reading a float16 cache as it is, on slices of a longer cache as a decoding step passes
+    them, for one position and many; and the decoding-step wrapper gives SDPA's answer where it cannot run it."""
+    ops = kernels_with(isa)
+    torch.manual_seed(0)
+    for B, H, L, D in [(2, 3, 1, 64), (1, 12, 7, 64), (2, 2, 300, 24), (1, 2, 5, 12)]:  # (D 12: the plain loop)
+        k_cache, v_cache = torch.randn(2, B, H, L + 9, D).to(dtype)
+        q = torch.randn(B, H, 1, D)
+        k, v = k_cache[:, :, :L], v_cache[:, :, :L]
+        ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+        assert rel_err(ops.one_query_attention(q, k, v, isa), ref) < 1e-6
+        assert rel_err(fast_cpu.one_query_attention(q, k, v), ref) < 1e-6
+        assert rel_err(fast_cpu.one_query_attention(q.double(), k.double(), v.double()), ref) < 1e-12  # (SDPA)
+
+
+def test_attention_choice_is_measured_and_decides_the_decoding_attention(monkeypatch, tmp_path, capsys):
+    """attention_choice times our one-query attention against SDPA here (made slow, SDPA comes last), says so in
+    one line and keeps the ranking on disk; a decoding step's attention runs our kernel only where it ranks
+    first."""
+    monkeypatch.setenv('TORCH_EXTENSIONS_DIR', str(tmp_path))
+    kernels_with(1)
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, 'scaled_dot_product_attention', lambda *a, **k: (time.sleep(0.002), sdpa(*a, **k))[1])
+    assert fast_cpu.attention_choice.__wrapped__() == ('ours', 'SDPA')
+    line = capsys.readouterr().err
+    assert line.count('\n') == 1 and 'timed one-query attention' in line and 'using ours' in line
+    monkeypatch.setattr(F, 'scaled_dot_product_attention', None)  # (measuring again would fail)
+    assert fast_cpu.attention_choice.__wrapped__() == ('ours', 'SDPA') and capsys.readouterr().err == ''
+    model = fast_cpu.optimize(GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16)).eval())
+    assert model.transformer.h[0].attn.one_query_attention is fast_cpu.one_query_attention
+    calls = []
+    monkeypatch.setattr(F, 'scaled_dot_product_attention', lambda *a, **k: (calls.append(1), sdpa(*a, **k))[1])
+    for ranking, sdpa_calls in [(('ours', 'SDPA'), 0), (('SDPA', 'ours'), 1)]:
+        monkeypatch.setattr(fast_cpu, 'attention_choice', lambda: ranking)
+        calls.clear()
+        model.generate(torch.zeros(1, 4, dtype=torch.long), 2, temperature=0)  # (a prefill, then one step)
+        assert len(calls) == 1 + sdpa_calls
+
+
 def test_kernel_choice_is_measured_and_kept_per_machine(monkeypatch, tmp_path, capsys):
     """kernel_choice ranks the kernels by their measured time here (a kernel made slow comes last), says so
     in one line, and keeps the ranking on disk: a later process reads it and measures nothing."""
