@@ -640,17 +640,27 @@ def copy_module(m):
     return c
 
 
+def probe_rows(n):
+    """The row count kernel_choice measures for a matmul of n rows: 1 (a decoding step), 16 (2-16 rows: a short
+    prompt, a batch of steps) or 128 (a prompt). Each is its own ranking: float16's F.linear wins at one row
+    and is 2x slower than ours at 16 (a 16-token prompt of GPT-2 124M: 112 against 54 ms here)."""
+    return 1 if n == 1 else 16 if n <= 16 else 128
+
+
 @functools.cache  # once a process; and kept on disk per machine (cache_dir()/kernel-choices.json)
-def kernel_choice(dtype, many):
-    """The kernels for a matmul with dtype weights ('float32', 'bfloat16', 'float16', 'int8') and one row (a
-    decoding step; a few rows too) or many (a prompt: 128 rows), fastest first, as measured on this machine:
+def kernel_choice(dtype, rows):
+    """The kernels for a matmul with dtype weights ('float32', 'bfloat16', 'float16', 'int8') and rows rows of x
+    (probe_rows: 1, 16 or 128), fastest first, as measured on this machine:
     each candidate (CPULinear.KERNELS, Int8Linear.KERNELS) runs on layers of GPT-2's MLP shape, alternately,
-    the best of three (one row: 48 MB of weights, more than most CPUs cache; a candidate twice as slow as the
-    best after its first run is not run again). Under a second, once per machine, torch version, thread count
+    the best of three (1 and 16 rows: 48 MB of weights, more than most CPUs cache; a candidate twice as slow as
+    the best after its first run is not run again). Under a second, once per machine, torch version, thread count
     and version of KERNELS_CPP, with one line; the result is kept in cache_dir()."""
+    if rows not in (1, 16, 128):
+        raise ValueError(f"kernel_choice: rows is {rows!r}; it is one of 1, 16, 128 (probe_rows)")
+    many = rows > 16
     # (the kernels' source in the key too: a ranking of an earlier version of our kernels says nothing of these)
     ours = hashlib.sha256(KERNELS_CPP.encode()).hexdigest()[:8]
-    key = f"{machine()} | kernels {ours} | {dtype} | {'many rows' if many else 'one row'}"
+    key = f"{machine()} | kernels {ours} | {dtype} | {'many rows' if many else 'one row' if rows == 1 else '16 rows'}"
     path = os.path.join(cache_dir(), 'kernel-choices.json')
     known = _known_choices(path)
     if isinstance(known.get(key), list):  # (filtered: a kernel that existed then may not now)
@@ -658,7 +668,7 @@ def kernel_choice(dtype, many):
     kernels_of = Int8Linear.KERNELS if dtype == 'int8' else CPULinear.KERNELS
     candidates = [name for name in kernels_of if _can_run(name, dtype, many)]
     layers = {name: _probe_layers(dtype, name, 0 if many else 48) for name in candidates}
-    x = torch.linspace(-1, 1, (128 if many else 1) * 768).view(-1, 768).to(torch.float32 if dtype == 'int8' else
+    x = torch.linspace(-1, 1, rows * 768).view(-1, 768).to(torch.float32 if dtype == 'int8' else
                                                                           getattr(torch, dtype))
     times = {name: [] for name in candidates}
     with torch.no_grad():
@@ -673,7 +683,7 @@ def kernel_choice(dtype, many):
                     layer(x)
                 times[name].append(time.perf_counter() - t0)
     ranking = sorted(candidates, key=lambda name: min(times[name]))
-    print(f"fast_cpu: timed the {dtype} matmul kernels for {'128 rows' if many else 'one row'} on this CPU "
+    print(f"fast_cpu: timed the {dtype} matmul kernels for {'one row' if rows == 1 else f'{rows} rows'} on this CPU "
           f"({torch.backends.cpu.get_cpu_capability()}): " +
           ", ".join(f"{n} {min(times[n]) * 1e3:.2f} ms" for n in ranking) + f"; using {ranking[0]}", file=sys.stderr)
     _keep_choice(path, key, ranking)
@@ -793,8 +803,8 @@ class CPULinear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         name = self.kernel
         if name is None:
-            many = x.numel() > 16 * x.size(-1)
-            name = next(n for n in kernel_choice(str(x.dtype).removeprefix('torch.'), many) + ('F.linear',)
+            rows = probe_rows(x.numel() // x.size(-1))
+            name = next(n for n in kernel_choice(str(x.dtype).removeprefix('torch.'), rows) + ('F.linear',)
                         if not n.startswith('ours') or self.in_features % 8 == 0)
         return self.KERNELS[name](x, self.weight, self.bias)
 
@@ -840,7 +850,7 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.ours = 'ours'  # which of the 'ours' kernels the compiled step runs on packed weights
         if packed is None:
-            ranking = kernel_choice('int8', False)
+            ranking = kernel_choice('int8', 1)
             packed = self.in_features % 32 == 0 and ranking[0].startswith('ours')
             self.ours = ranking[0] if packed else 'ours'
         self.packed = packed
@@ -860,7 +870,7 @@ class Int8Linear(nn.Module):
                 return self.KERNELS[self.ours](self, rows).to(x.dtype).view(*x.shape[:-1], -1)
             y = one_row_matmul(rows[0].float(), self.weight, self.scale, self.bias)
             return y.to(x.dtype).view(*x.shape[:-1], -1)
-        name = self.kernel or next(n for n in kernel_choice('int8', rows.size(0) > 16) + ('dequantized float32',)
+        name = self.kernel or next(n for n in kernel_choice('int8', probe_rows(rows.size(0))) + ('dequantized float32',)
                                    if n.startswith('ours') == self.packed or n.startswith('dequantized'))
         return self.KERNELS[name](self, rows).to(x.dtype).view(*x.shape[:-1], -1)
 

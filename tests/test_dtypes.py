@@ -306,12 +306,12 @@ def test_kernel_choice_is_measured_and_kept_per_machine(monkeypatch, tmp_path, c
     slow = dict(CPULinear.KERNELS)
     slow['F.linear'] = lambda x, w, b: (time.sleep(0.002), F.linear(x, w, b))[1]
     monkeypatch.setattr(CPULinear, 'KERNELS', slow)
-    ranking = fast_cpu.kernel_choice.__wrapped__('float32', False)
+    ranking = fast_cpu.kernel_choice.__wrapped__('float32', 1)
     assert ranking[-1] == 'F.linear' and set(ranking) == {n for n in slow if fast_cpu._can_run(n, 'float32', False)}
     line = capsys.readouterr().err
     assert line.count('\n') == 1 and 'timed the float32 matmul kernels for one row' in line and ranking[0] in line
     monkeypatch.setattr(fast_cpu, '_probe_layers', None)  # (measuring again would fail)
-    assert fast_cpu.kernel_choice.__wrapped__('float32', False) == ranking and capsys.readouterr().err == ''
+    assert fast_cpu.kernel_choice.__wrapped__('float32', 1) == ranking and capsys.readouterr().err == ''
 
 
 def test_without_a_cpp_compiler_int8_and_float_run_on_pytorchs_kernels(tmp_path):
@@ -352,7 +352,7 @@ def test_int8_kv_cache_greedy_equals_recompute_and_compiled(hf_tiny, monkeypatch
     # one int8 kernel for every row count (the one-row choice, not a bfloat16 or float32 matmul for many rows),
     # so that greedy tokens can be compared exactly, whatever this CPU is
     choice = fast_cpu.kernel_choice
-    monkeypatch.setattr(fast_cpu, 'kernel_choice', lambda dtype, many: choice(dtype, False))
+    monkeypatch.setattr(fast_cpu, 'kernel_choice', lambda dtype, rows: choice(dtype, 1))
     folder, _ = hf_tiny
     model = fast_cpu.optimize(fast_cpu.quantize_int8(GPT.from_pretrained(folder).eval()))
     idx = torch.randint(0, 50257, (2, 5))
@@ -449,3 +449,17 @@ def test_huge_pages_move_the_weights_and_change_no_output(dtype, monkeypatch):
             assert model.lm_head.weight is model.transformer.wte.weight
     assert all(torch.equal(v, state[k]) for k, v in plain.state_dict().items())
     assert torch.equal(after, before)
+
+
+def test_a_short_prompt_has_a_ranking_of_its_own(monkeypatch):
+    """One row, 2-16 rows and more are three rankings (float16's F.linear wins at one row, loses 2x at 16):
+    CPULinear and Int8Linear ask kernel_choice for the probe's row count, and any other count is refused."""
+    asked, choice = [], fast_cpu.kernel_choice
+    monkeypatch.setattr(fast_cpu, 'kernel_choice', lambda dtype, rows: (asked.append(rows), ('F.linear',))[1])
+    lin = CPULinear(32, 8)
+    with torch.no_grad():
+        for n in (1, 2, 16, 17, 40):
+            lin(torch.randn(n, 32))
+    assert asked == [1, 16, 16, 128, 128]
+    with pytest.raises(ValueError, match='one of 1, 16, 128'):
+        choice.__wrapped__('float32', 5)
