@@ -184,11 +184,19 @@ if bench == 'decode':
 
         def figures():
             def run(*args):
+                """llama-bench's JSON rows, or none when it fails (a build can use an instruction this CPU
+                faults on, e.g. AMX in a VM): that figure reads n/a and the other engines go on."""
                 out = subprocess.run([binary, '-m', gguf, '-t', str(threads), '-r', '2', '-o', 'json', *args],
-                                     check=True, capture_output=True, text=True)
+                                     capture_output=True, text=True)
+                if out.returncode != 0:
+                    why = f"signal {-out.returncode}" if out.returncode < 0 else f"exit status {out.returncode}"
+                    print(f"  llama.cpp-{quant}: llama-bench {' '.join(args)} failed ({why}): "
+                          f"{(out.stderr.strip().splitlines() or [''])[-1]}")
+                    return []
                 return json.loads(out.stdout)
             figs = {f'b1-{r["n_gen"]}': r['avg_ts'] for r in run('-p', '0', '-n', ','.join(map(str, new_tokens)))}
-            figs['ttft'] = 1000 * prefill_len / run('-p', str(prefill_len), '-n', '0')[0]['avg_ts']
+            for r in run('-p', str(prefill_len), '-n', '0'):
+                figs['ttft'] = 1000 * prefill_len / r['avg_ts']
             return figs
         return figures
 
