@@ -114,13 +114,18 @@ if bench == 'decode':
         folder = weights
         hf = GPT2LMHeadModel.from_pretrained(folder).eval()
 
+    kept_eager = set()  # '+compile' engines whose compiled step lost to eager here, so they run eager
+
     def our_engine(spec):
         """'float16' or 'bfloat16+compile': our GPT in that dtype, as sample.py runs it on a CPU
         (fast_cpu.optimize, with compile_decode when asked)."""
         name, _, extra = spec.partition('+')
         model = fast_cpu.cast(GPT.from_pretrained(folder).eval(), name, 'cpu')
-        if extra == 'compile' and not fast_cpu.compile_decode(model, probe=False):
-            return None
+        if extra == 'compile':
+            if not fast_cpu.compile_decode(model, probe=False):  # no C++ compiler here
+                return None
+            if not fast_cpu.probe_compiled(model):  # as sample.py --compile=True: eager where compiling loses
+                kept_eager.add(spec)
 
         def generate(idx, n, greedy=False):
             return model.generate(idx, n, temperature=0 if greedy else 1.0, top_k=top_k)
@@ -241,7 +246,8 @@ if bench == 'decode':
             for spec in specs:
                 values = figures[spec].get(key)
                 isa = llama_isa if spec.startswith('llama.cpp-') else capability
-                print(f"  {spec:<22} " + (f"{statistics.median(values):8.1f}" if values else "     n/a") + f"   {isa}")
+                note = ", compile_decode's probe kept eager" if figures[spec].get('kept eager') else ''
+                print(f"  {spec:<22} " + (f"{statistics.median(values):8.1f}" if values else "     n/a") + f"   {isa}{note}")
         median = {spec: {k: statistics.median(v) for k, v in f.items()} for spec, f in figures.items()}
         for ours, theirs in (('int8', 'ctranslate2-int8'), ('int8+compile', 'ctranslate2-int8'),
                              ('int8', 'llama.cpp-Q8_0'), ('int8+compile', 'llama.cpp-Q8_0'), ('float16', 'llama.cpp-F16'),
@@ -293,6 +299,8 @@ if bench == 'decode':
             compare(f'b1-{n}', n, prompt, n)
         compare('ttft', 1, torch.randint(0, 50257, (1, prefill_len), generator=g), 1)
         compare('b8', 100 * batch_size, torch.randint(0, 50257, (batch_size, prompt_len), generator=g), 100)
+        for k in kept_eager & figures.keys():
+            figures[k]['kept eager'] = 1
         if json_out:
             with open(json_out, 'w') as f:
                 json.dump(figures, f)

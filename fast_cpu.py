@@ -1121,18 +1121,24 @@ def compile_decode(model, probe=True):
         print(f"compile_decode: compiling is not available here ({type(e).__name__}); decoding runs uncompiled",
               file=sys.stderr)
         return False
-    if probe:
-        times = {'compiled': [], 'eager': []}
-        for _ in range(2):  # alternately, so that a change of load falls on both
-            times['compiled'].append(decode_seconds(model))
-            model.forward = eager
-            times['eager'].append(decode_seconds(model))
-            model.forward = forward
-        compiled, plain = min(times['compiled']), min(times['eager'])
-        if compiled >= plain:
-            del model.forward
-            print(f"compile_decode: the compiled step is slower on this CPU ({torch.backends.cpu.get_cpu_capability()}"
-                  f": {compiled * 1e3:.0f} vs {plain * 1e3:.0f} ms for a few tokens); decoding runs uncompiled",
-                  file=sys.stderr)
-            return False
+    return probe_compiled(model) if probe else True
+
+
+def probe_compiled(model):
+    """compile_decode's probe: keep the compiled step only if it decodes faster than the eager one on this CPU,
+    timed alternately for a moment (decode_seconds); else drop it with one line. Returns whether it is kept."""
+    forward = vars(model)['forward']
+    times = {'compiled': [], 'eager': []}
+    for _ in range(2):  # alternately, so that a change of load falls on both
+        times['compiled'].append(decode_seconds(model))
+        del model.forward  # (the class's own forward: eager)
+        times['eager'].append(decode_seconds(model))
+        model.forward = forward
+    compiled, plain = min(times['compiled']), min(times['eager'])
+    if compiled >= plain:
+        del model.forward
+        print(f"compile_decode: the compiled step is slower on this CPU ({torch.backends.cpu.get_cpu_capability()}"
+              f": {compiled * 1e3:.0f} vs {plain * 1e3:.0f} ms for a few tokens); decoding runs uncompiled",
+              file=sys.stderr)
+        return False
     return True
