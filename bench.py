@@ -190,7 +190,7 @@ if bench == 'decode':
         def figures():
             def run(*args):
                 """llama-bench's JSON rows, or none when it fails (a build can use an instruction this CPU
-                faults on, e.g. AMX in a VM): that figure reads n/a and the other engines go on."""
+                faults on: the native build's prompt test, AMX on or off, on a Xeon VM): that figure reads n/a and the other engines go on."""
                 out = subprocess.run([binary, '-m', gguf, '-t', str(threads), '-r', '2', '-o', 'json', *args],
                                      capture_output=True, text=True)
                 if out.returncode != 0:
@@ -200,8 +200,9 @@ if bench == 'decode':
                     return []
                 return json.loads(out.stdout)
             figs = {f'b1-{r["n_gen"]}': r['avg_ts'] for r in run('-p', '0', '-n', ','.join(map(str, new_tokens)))}
-            for r in run('-p', str(prefill_len), '-n', '0'):
-                figs['ttft'] = 1000 * prefill_len / r['avg_ts']
+            prompt_rows = run('-p', str(prefill_len), '-n', '0')
+            if prompt_rows:
+                figs['ttft'] = 1000 * prefill_len / prompt_rows[0]['avg_ts']
             return figs
         return figures
 

@@ -16,7 +16,7 @@ def test_train_bench_reports_every_model_against_nanogpt_over_processes():
 
 
 def test_decode_bench_reports_a_failing_llama_bench_and_goes_on(tmp_path):
-    # a llama.cpp build can die on this CPU (SIGILL in AMX kernels under a VM): its figure is n/a, the table
+    # a llama.cpp build can die on this CPU (SIGILL in the prompt test on a Xeon VM): its figure is n/a, the table
     # still prints and bench.py exits 0
     import json
     import signal
@@ -29,7 +29,7 @@ def test_decode_bench_reports_a_failing_llama_bench_and_goes_on(tmp_path):
     binary = tmp_path / 'llama' / 'build' / 'bin' / 'llama-bench'
     binary.parent.mkdir(parents=True)
     rows = json.dumps([{'n_gen': 100, 'avg_ts': 123.4}])
-    # generation (-p 0) works; prompt processing (-n 0) is killed by SIGILL as the AMX build was
+    # generation (-p 0) works; prompt processing (-n 0) is killed by SIGILL as the native build was there
     binary.write_text(f"#!/bin/sh\ncase \"$*\" in *'-n 0'*) echo 'illegal instruction' >&2; kill -ILL $$;; esac\n"
                       f"echo '{rows}'\n")
     binary.chmod(binary.stat().st_mode | stat.S_IXUSR)
