@@ -99,7 +99,8 @@ constexpr int64_t BLOCK = 32;
 // (4 x 32 bytes), so each thread reads the weights as one sequential stream (1.2-1.6x faster than 4 rows
 // read side by side). Rows past the last whole group stay in row order.
 constexpr int64_t GROUP = 4;
-constexpr int64_t PREFETCH = 2048;  // bytes ahead of the weights being read (measured: 2-8 KB alike)
+constexpr int64_t PREFETCH = 2048;  // bytes ahead of the weights being read (int8 on an EPYC: 2-8 KB alike;
+                                    // float16 on a Xeon: 1-2 KB alike, 4 KB 1.1x slower)
 
 // The vector loops this CPU can run: 0 plain C++, 1 AVX2 (with FMA and F16C), 2 AVX-512 with VNNI (Ice Lake,
 // Zen 4 and later; an AVX-512 CPU without VNNI, such as Skylake-X, gets 1). A kernel's isa argument caps it.
@@ -294,9 +295,10 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
 
 // float32 or float16 weights (N, K) in row order times a few float32 rows (float16 x is converted first).
 // One row of x (decoding) reads each weight row start to end with 4 sums in flight: one sequential stream a
-// thread, which the hardware prefetcher follows (AVX-512 EPYC: float16 ~30 GB/s against ~12 for 4 weight rows
-// read side by side, float32 ~30 against ~24). More rows of x take 4 weight rows at a time, 8 columns a step,
-// each weight read once for all rows of x.
+// thread (AVX-512 EPYC: float16 ~30 GB/s against ~12 for 4 weight rows read side by side, float32 ~30 against
+// ~24), prefetched PREFETCH bytes ahead (a 2-core AMX Xeon, GPT-2's weights from memory: float16 1.2x faster,
+// 17.8 -> 21.1 GB/s with AVX2 and 19.9 -> 24.2 with AVX-512; float32 AVX2 1.1x, AVX-512 alike). More rows of
+// x take 4 weight rows at a time, 8 columns a step, each weight read once for all rows of x.
 template <typename W> static void float_rows_plain(const float* x, const W* w, const float* bias, float* y,
                                                     int64_t M, int64_t K, int64_t N, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n)
@@ -320,6 +322,7 @@ template <typename W> AVX2 static void float_rows_avx2(const float* x, const W* 
       __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
       int64_t k = 0;
       for (; k + 32 <= K; k += 32) {
+        for (int b = 0; b < 32 * (int)sizeof(W); b += 64) _mm_prefetch((const char*)(wr + k) + PREFETCH + b, _MM_HINT_T0);
         c0 = _mm256_fmadd_ps(load8(wr + k), _mm256_loadu_ps(x + k), c0);
         c1 = _mm256_fmadd_ps(load8(wr + k + 8), _mm256_loadu_ps(x + k + 8), c1);
         c2 = _mm256_fmadd_ps(load8(wr + k + 16), _mm256_loadu_ps(x + k + 16), c2);
@@ -364,6 +367,7 @@ template <typename W> AVX512 static void float_rows_avx512(const float* x, const
       __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
       int64_t k = 0;
       for (; k + 64 <= K; k += 64) {
+        for (int b = 0; b < 64 * (int)sizeof(W); b += 64) _mm_prefetch((const char*)(wr + k) + PREFETCH + b, _MM_HINT_T0);
         c0 = _mm512_fmadd_ps(load16(0xffff, wr + k), _mm512_loadu_ps(x + k), c0);
         c1 = _mm512_fmadd_ps(load16(0xffff, wr + k + 16), _mm512_loadu_ps(x + k + 16), c1);
         c2 = _mm512_fmadd_ps(load16(0xffff, wr + k + 32), _mm512_loadu_ps(x + k + 32), c2);
@@ -783,8 +787,9 @@ class CPULinear(nn.Linear):
     The candidates: F.linear (MKL, and a hand-written float16 one-row kernel); oneDNN's matmul (on a 2-core AMD
     EPYC with AVX-512: ~30 GB/s against MKL's ~17, and 2x faster on many rows); for float16 with many rows,
     oneDNN in float32 (PyTorch's float16 many-row kernel is 8x slower on CPUs without AVX512-FP16); and
-    KERNELS_CPP's float_linear (float32 and float16). One row inside compile_decode()'s step is a compiled
-    one_row_matmul. Training (gradients on), other torch.compile uses and GPUs take plain F.linear."""
+    KERNELS_CPP's float_linear (float32 and float16). One row inside compile_decode()'s step is float_linear
+    where it ranks first for one row (a custom op inside the graph; step_kernel), else a compiled one_row_matmul.
+    Training (gradients on), other torch.compile uses and GPUs take plain F.linear."""
     KERNELS = {
         'F.linear': F.linear,
         'oneDNN': _onednn,
@@ -793,12 +798,15 @@ class CPULinear(nn.Linear):
         'ours AVX-512': lambda x, w, b: torch.ops.gptlab.float_linear(x.contiguous(), w, b, 2),
     }
     kernel = None  # a kernel's name, to force one (kernel_choice's probe); None: kernel_choice's fastest
+    step_kernel = None  # one of ours for compile_decode's step (it sets this); None: a compiled one_row_matmul
 
     def forward(self, x):
         if x.device.type != 'cpu' or torch.is_grad_enabled():
             return F.linear(x, self.weight, self.bias)
         if torch.compiler.is_compiling():
             if x.numel() == x.size(-1):  # compile_decode's step
+                if self.step_kernel:
+                    return self.KERNELS[self.step_kernel](x, self.weight, self.bias)
                 return one_row_matmul(x.reshape(-1), self.weight, None, self.bias).view(*x.shape[:-1], -1)
             return F.linear(x, self.weight, self.bias)
         name = self.kernel
@@ -1085,11 +1093,12 @@ def compile_decode(model, probe=True):
     """Compile token-by-token decoding on CPU (it needs a C++ compiler): each one-token step of a GPT (batch 1)
     runs as one compiled call, so the ~200 small eager kernels and dozens of dispatches a token become a handful
     of C++ loops, and every matmul of one row becomes a multiply-and-sum (one_row_matmul) that streams the
-    weights once, int8 scales and biases in the same pass (packed int8 weights instead call KERNELS_CPP's
-    int8_linear, a custom op inside the graph). A model whose blocks all keep a key/value cache (softmax
-    attention: GPT-2) is compiled ahead of time (aot_step): the step is then a C++ function, with no Python,
-    guards or wrapper per call; the linear-attention family, whose state is replaced each step, goes through
-    torch.compile. Prefill, batches and gradients keep the model's own forward (one graph serves every
+    weights once, int8 scales and biases in the same pass, or, where KERNELS_CPP's kernel for that dtype is this
+    machine's fastest for one row (kernel_choice), a call of it: a custom op inside the graph (int8_linear on
+    packed int8 weights, float_linear on float32 and float16 ones). A model whose blocks all keep a key/value
+    cache (softmax attention: GPT-2) is compiled ahead of time (aot_step): the step is then a C++ function,
+    with no Python, guards or wrapper per call; the linear-attention family, whose state is replaced each step,
+    goes through torch.compile. Prefill, batches and gradients keep the model's own forward (one graph serves every
     position: no recompiling per prompt). It compiles before returning (GPT-2 124M: ~30 s the first time on a
     2-core CPU; 5-13 s once the compiled step is cached).
     Returns False, with a one-line note on stderr, if compiling is not possible here, or (probe) if the
@@ -1106,6 +1115,12 @@ def compile_decode(model, probe=True):
             return step(idx, start_pos)
         return eager(idx, targets, start_pos)
     attention_choice()  # (measured before tracing, which would trace the timing's own ops)
+    # float_linear inside the step where it is this machine's fastest for one row, chosen before tracing too
+    # (a Xeon with AVX2 imitated: float16 steps 2.1x faster than with one_row_matmul, natively 1.2x)
+    for m in model.modules():
+        if isinstance(m, CPULinear) and m.in_features % 8 == 0:
+            fastest = kernel_choice(str(m.weight.dtype).removeprefix('torch.'), 1)[0]
+            m.step_kernel = fastest if fastest.startswith('ours') else None
     try:  # compile now (torch.compile would on the first call), so that a missing compiler shows here
         if blocks and all(hasattr(block.attn, 'cache') for block in blocks):
             step = aot_step(model, eager, blocks)

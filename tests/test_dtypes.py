@@ -125,6 +125,37 @@ def test_compile_decode_generates_the_same_tokens(hf_tiny, monkeypatch):
     assert rel_err(compiled, eager) < 1e-4
 
 
+@pytest.mark.parametrize('fastest', ['ours', 'F.linear'])
+def test_compile_decode_calls_our_float_kernel_where_it_ranks_first(hf_tiny, monkeypatch, fastest):
+    """Where float_linear is this machine's fastest kernel for one float16 row (kernel_choice), compile_decode's
+    step calls it, a custom op inside the graph (inductor's multiply-and-sum of float16 weights was 2.1x
+    slower on a Xeon imitating AVX2); elsewhere it is the multiply-and-sum. The step equals the eager one."""
+    if fast_cpu.kernels() is None:
+        pytest.skip("no C++ compiler for KERNELS_CPP here")
+    choice = fast_cpu.kernel_choice
+    monkeypatch.setattr(fast_cpu, 'kernel_choice', lambda dtype, rows: (fastest, 'F.linear') if (dtype, rows) == (
+        'float16', 1) else choice(dtype, rows))
+    programs, export = [], torch.export.export
+    monkeypatch.setattr(torch.export, 'export', lambda *a, **k: programs.append(export(*a, **k)) or programs[-1])
+    folder, _ = hf_tiny
+    model = fast_cpu.cast(GPT.from_pretrained(folder).eval(), 'float16', 'cpu')
+    idx = torch.randint(0, 50257, (1, 2))
+
+    def second_token_logits():
+        with torch.no_grad():
+            model.setup_cache(1, 4)
+            model(idx[:, :1], start_pos=0)
+            logits = model(idx[:, 1:2], start_pos=1)[0]
+            model.setup_cache(None, None)
+        return logits
+    eager = second_token_logits()
+    assert fast_cpu.compile_decode(model, probe=False), "compiling failed: is a C++ compiler installed?"
+    linears = [m for m in model.modules() if isinstance(m, CPULinear)]
+    assert linears and all(m.step_kernel == (fastest if fastest == 'ours' else None) for m in linears)
+    assert ('gptlab.float_linear' in str(programs[-1].graph)) == (fastest == 'ours')
+    assert rel_err(second_token_logits(), eager) < 1e-2
+
+
 @pytest.mark.parametrize('attention,pos_emb', [('softmax', 'rope'), ('linear', 'none'), ('gla', 'rope')])
 def test_compile_decode_works_for_every_attention_kind(attention, pos_emb):
     torch.manual_seed(0)
