@@ -787,8 +787,8 @@ class CPULinear(nn.Linear):
     The candidates: F.linear (MKL, and a hand-written float16 one-row kernel); oneDNN's matmul (on a 2-core AMD
     EPYC with AVX-512: ~30 GB/s against MKL's ~17, and 2x faster on many rows); for float16 with many rows,
     oneDNN in float32 (PyTorch's float16 many-row kernel is 8x slower on CPUs without AVX512-FP16); and
-    KERNELS_CPP's float_linear (float32 and float16). One row inside compile_decode()'s step is float_linear
-    where it ranks first for one row (a custom op inside the graph; step_kernel), else a compiled one_row_matmul.
+    KERNELS_CPP's float_linear (float32 and float16). One row inside compile_decode()'s step is a compiled
+    one_row_matmul, or float_linear (a custom op inside the graph) where that step measured faster (step_kernel).
     Training (gradients on), other torch.compile uses and GPUs take plain F.linear."""
     KERNELS = {
         'F.linear': F.linear,
@@ -798,7 +798,7 @@ class CPULinear(nn.Linear):
         'ours AVX-512': lambda x, w, b: torch.ops.gptlab.float_linear(x.contiguous(), w, b, 2),
     }
     kernel = None  # a kernel's name, to force one (kernel_choice's probe); None: kernel_choice's fastest
-    step_kernel = None  # one of ours for compile_decode's step (it sets this); None: a compiled one_row_matmul
+    step_kernel = None  # one of ours for compile_decode's step (step_kernels); None: a compiled one_row_matmul
 
     def forward(self, x):
         if x.device.type != 'cpu' or torch.is_grad_enabled():
@@ -1089,13 +1089,42 @@ def dynamo_step(eager):
     return lambda idx, start_pos: step(idx, start_pos=start_pos)
 
 
+def step_key(linears):
+    """kernel-choices.json's key for the one-row matmuls of a compiled step over these CPULinears: the machine,
+    the kernels' version, the weights' dtype and the matmuls' shapes (a small model's timing says little of
+    GPT-2's)."""
+    shapes = sorted({f'{m.out_features}x{m.in_features}' for m in linears})
+    return (f"{machine()} | kernels {hashlib.sha256(KERNELS_CPP.encode()).hexdigest()[:8]} | "
+            f"{str(linears[0].weight.dtype).removeprefix('torch.')} | compiled step, {len(linears)} matmuls "
+            f"{' '.join(shapes)}")
+
+
+def step_kernels(linears):
+    """The one-row matmuls compile_decode's step may run for float weights (CPULinear.step_kernel), to be
+    compiled and timed: None (one_row_matmul, inductor's multiply-and-sum) and, where one of ours leads
+    kernel_choice's one-row ranking, that one too (float_linear, a custom op inside the graph). What wins alone
+    need not win inside a step: on a 2-core Zen 4 'ours AVX-512' ranked first alone for float32, and its step
+    decoded at 0.94x one_row_matmul's (float16: 0.65x); on a Xeon imitating AVX2, ours' float16 step decoded
+    at 2.1x one_row_matmul's (README "Speed"). A ranking timed before (kept in cache_dir() per machine and
+    shapes) gives its first alone."""
+    dtype = str(linears[0].weight.dtype).removeprefix('torch.') if linears else None
+    if dtype not in ('float32', 'float16'):
+        return [None]
+    known = _known_choices(os.path.join(cache_dir(), 'kernel-choices.json')).get(step_key(linears))
+    if isinstance(known, list) and known and (known[0] is None or _can_run(known[0], dtype, False)):
+        return known[:1]
+    fastest = kernel_choice(dtype, 1)[0]
+    return [None, fastest] if fastest.startswith('ours') else [None]
+
+
 def compile_decode(model, probe=True):
     """Compile token-by-token decoding on CPU (it needs a C++ compiler): each one-token step of a GPT (batch 1)
     runs as one compiled call, so the ~200 small eager kernels and dozens of dispatches a token become a handful
     of C++ loops, and every matmul of one row becomes a multiply-and-sum (one_row_matmul) that streams the
-    weights once, int8 scales and biases in the same pass, or, where KERNELS_CPP's kernel for that dtype is this
-    machine's fastest for one row (kernel_choice), a call of it: a custom op inside the graph (int8_linear on
-    packed int8 weights, float_linear on float32 and float16 ones). A model whose blocks all keep a key/value
+    weights once, int8 scales and biases in the same pass, or a call of KERNELS_CPP's kernel, a custom op inside
+    the graph: int8_linear on packed int8 weights; float_linear on float32 and float16 ones where it ranks first
+    for one row (kernel_choice) and its step decodes faster than the multiply-and-sum's (both are compiled and
+    timed once per machine and model shape, ~1-3 s: step_kernels). A model whose blocks all keep a key/value
     cache (softmax attention: GPT-2) is compiled ahead of time (aot_step): the step is then a C++ function,
     with no Python, guards or wrapper per call; the linear-attention family, whose state is replaced each step,
     goes through torch.compile. Prefill, batches and gradients keep the model's own forward (one graph serves every
@@ -1115,19 +1144,23 @@ def compile_decode(model, probe=True):
             return step(idx, start_pos)
         return eager(idx, targets, start_pos)
     attention_choice()  # (measured before tracing, which would trace the timing's own ops)
-    # float_linear inside the step where it is this machine's fastest for one row, chosen before tracing too
-    # (a Xeon with AVX2 imitated: float16 steps 2.1x faster than with one_row_matmul, natively 1.2x)
-    for m in model.modules():
-        if isinstance(m, CPULinear) and m.in_features % 8 == 0:
-            fastest = kernel_choice(str(m.weight.dtype).removeprefix('torch.'), 1)[0]
-            m.step_kernel = fastest if fastest.startswith('ours') else None
+    linears = [m for m in model.modules() if isinstance(m, CPULinear) and m.in_features % 8 == 0]
+    steps, step = {}, None  # one-row matmul kernel -> its compiled step; the step forward calls
+
+    def use(kernel):  # (step_kernel is traced into a step, and dynamo's guards check it on every call)
+        nonlocal step
+        for m in linears:
+            m.step_kernel = kernel
+        step = steps.get(kernel)
     try:  # compile now (torch.compile would on the first call), so that a missing compiler shows here
-        if blocks and all(hasattr(block.attn, 'cache') for block in blocks):
-            step = aot_step(model, eager, blocks)
-        else:
-            step = dynamo_step(eager)
-        model.forward = forward
-        model.generate(torch.zeros(1, 1, dtype=torch.long), 3, temperature=0)  # (greedy: no random numbers drawn)
+        for kernel in step_kernels(linears):
+            use(kernel)
+            if blocks and all(hasattr(block.attn, 'cache') for block in blocks):
+                step = steps[kernel] = aot_step(model, eager, blocks)
+            else:
+                step = steps[kernel] = dynamo_step(eager)
+            model.forward = forward
+            model.generate(torch.zeros(1, 1, dtype=torch.long), 3, temperature=0)  # (greedy: no random numbers drawn)
     except ValueError:  # (the model's own one-line error: its logits are NaN)
         vars(model).pop('forward', None)
         raise
@@ -1136,6 +1169,19 @@ def compile_decode(model, probe=True):
         print(f"compile_decode: compiling is not available here ({type(e).__name__}); decoding runs uncompiled",
               file=sys.stderr)
         return False
+    if len(steps) > 1:  # time them alternately (a change of load falls on each), keep the fastest
+        times = {kernel: [] for kernel in steps}
+        for _ in range(3):  # (16 tokens: one-token prompts and new caches dilute fewer; ~1-3 s, once per machine)
+            for kernel in steps:
+                use(kernel)
+                times[kernel].append(decode_seconds(model, 16))
+        ranking = sorted(steps, key=lambda kernel: min(times[kernel]))
+        use(ranking[0])
+        print(f"compile_decode: timed the compiled step's one-row matmuls on this CPU "
+              f"({torch.backends.cpu.get_cpu_capability()}): " + ", ".join(
+                  f"{kernel or 'one_row_matmul'} {min(times[kernel]) * 1e3:.0f} ms" for kernel in ranking) +
+              f" for 16 tokens; using {ranking[0] or 'one_row_matmul'}", file=sys.stderr)
+        _keep_choice(os.path.join(cache_dir(), 'kernel-choices.json'), step_key(linears), ranking)
     return probe_compiled(model) if probe else True
 
 
