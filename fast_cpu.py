@@ -1128,8 +1128,8 @@ def compile_decode(model, probe=True):
     cache (softmax attention: GPT-2) is compiled ahead of time (aot_step): the step is then a C++ function,
     with no Python, guards or wrapper per call; the linear-attention family, whose state is replaced each step,
     goes through torch.compile. Prefill, batches and gradients keep the model's own forward (one graph serves every
-    position: no recompiling per prompt). It compiles before returning (GPT-2 124M: ~30 s the first time on a
-    2-core CPU; 5-13 s once the compiled step is cached).
+    position: no recompiling per prompt). It compiles before returning (GPT-2 124M on a 2-core CPU: ~30 s the
+    first time, twice that where a float step is compiled both ways; 4-8 s once the compiled step is cached).
     Returns False, with a one-line note on stderr, if compiling is not possible here, or (probe) if the
     compiled step decodes slower than the eager one on this CPU, timed alternately for a moment
     (decode_seconds): kernels that win on one ISA lose on another (README "Speed"), so the choice is measured
