@@ -133,7 +133,7 @@ def test_compile_decode_times_its_one_row_matmuls_inside_the_step(monkeypatch, c
     compiles the step twice, with it (a custom op inside the graph) and with inductor's multiply-and-sum
     (one_row_matmul), times both (here: an injected timing) and keeps the faster, saying so in one line: what wins
     alone can lose inside a step (README "Speed"). The ranking is kept, so the next model of that shape compiles
-    only the winner. Where F.linear wins alone, only the multiply-and-sum is compiled. Steps equal eager."""
+    only the winner. Where F.linear wins alone, only the multiply-and-sum is compiled. Steps equal eager's logits."""
     if fast_cpu.kernels() is None:
         pytest.skip("no C++ compiler for KERNELS_CPP here")
     choice = fast_cpu.kernel_choice
@@ -151,14 +151,22 @@ def test_compile_decode_times_its_one_row_matmuls_inside_the_step(monkeypatch, c
     config = GPTConfig(vocab_size=97, n_embd=32, n_head=2, n_layer=2, block_size=24, attention=attention)
     idx = torch.randint(0, 97, (1, 5))
 
+    def step_logits(model):  # (the logits of the sixth token's step, after a five-token prompt)
+        with torch.no_grad():
+            model.setup_cache(1, 8)
+            model(idx, start_pos=0)
+            logits = model(idx[:, -1:], start_pos=5)[0]
+            model.setup_cache(None, None)
+        return logits
+
     def model_and_reference():
         torch.manual_seed(0)
         model = fast_cpu.cast(GPT(config).eval(), 'float16', 'cpu')
-        return model, model.generate(idx, 12, temperature=0)
+        return model, step_logits(model)
     model, ref = model_and_reference()
     assert fast_cpu.compile_decode(model, probe=False), "compiling failed: is a C++ compiler installed?"
     assert kernels_in_step(model) == {fastest_in_step}
-    assert torch.equal(model.generate(idx, 12, temperature=0), ref)
+    assert rel_err(step_logits(model), ref) < 1e-2
     err = capsys.readouterr().err
     if fastest_alone == 'ours':
         assert traced == {'ours', None} and f"using {fastest_in_step or 'one_row_matmul'}" in err
@@ -169,7 +177,7 @@ def test_compile_decode_times_its_one_row_matmuls_inside_the_step(monkeypatch, c
     assert fast_cpu.compile_decode(again, probe=False) and kernels_in_step(again) == {fastest_in_step}
     assert traced == {fastest_in_step}
     assert 'timed the compiled step' not in capsys.readouterr().err
-    assert torch.equal(again.generate(idx, 12, temperature=0), ref)
+    assert rel_err(step_logits(again), ref) < 1e-2
 
 
 @pytest.mark.parametrize('attention,pos_emb', [('softmax', 'rope'), ('linear', 'none'), ('gla', 'rope')])
