@@ -1089,28 +1089,30 @@ def dynamo_step(eager):
     return lambda idx, start_pos: step(idx, start_pos=start_pos)
 
 
-def step_key(linears):
+def step_key(linears, blocks):
     """kernel-choices.json's key for the one-row matmuls of a compiled step over these CPULinears: the machine,
-    the kernels' version, the weights' dtype and the matmuls' shapes (a small model's timing says little of
-    GPT-2's)."""
+    the kernels' version, inductor's settings, the weights' dtype, the matmuls' shapes (a small model's timing
+    says little of GPT-2's) and how the step is compiled (AOTInductor for blocks with key/value caches)."""
     shapes = sorted({f'{m.out_features}x{m.in_features}' for m in linears})
-    return (f"{machine()} | kernels {hashlib.sha256(KERNELS_CPP.encode()).hexdigest()[:8]} | "
-            f"{str(linears[0].weight.dtype).removeprefix('torch.')} | compiled step, {len(linears)} matmuls "
+    inductor = ''.join(f' {k}={v}' for k, v in sorted(os.environ.items()) if k.startswith('TORCHINDUCTOR'))
+    how = 'AOTInductor' if blocks and all(hasattr(block.attn, 'cache') for block in blocks) else 'torch.compile'
+    return (f"{machine()} | kernels {hashlib.sha256(KERNELS_CPP.encode()).hexdigest()[:8]}{inductor} | "
+            f"{str(linears[0].weight.dtype).removeprefix('torch.')} | compiled step ({how}), {len(linears)} matmuls "
             f"{' '.join(shapes)}")
 
 
-def step_kernels(linears):
+def step_kernels(linears, blocks):
     """The one-row matmuls compile_decode's step may run for float weights (CPULinear.step_kernel), to be
     compiled and timed: None (one_row_matmul, inductor's multiply-and-sum) and, where one of ours leads
     kernel_choice's one-row ranking, that one too (float_linear, a custom op inside the graph). What wins alone
     need not win inside a step: on a 2-core Zen 4 'ours AVX-512' ranked first alone for float32, and its step
-    decoded at 0.94x one_row_matmul's (float16: 0.65x); on a Xeon imitating AVX2, ours' float16 step decoded
-    at 2.1x one_row_matmul's (README "Speed"). A ranking timed before (kept in cache_dir() per machine and
-    shapes) gives its first alone."""
+    decoded at 0.94x one_row_matmul's; on a Xeon imitating AVX2, ours' float16 step decoded at 2.1x
+    one_row_matmul's (README "Speed"). A ranking timed before (kept in cache_dir() per machine and shapes)
+    gives its first alone."""
     dtype = str(linears[0].weight.dtype).removeprefix('torch.') if linears else None
     if dtype not in ('float32', 'float16'):
         return [None]
-    known = _known_choices(os.path.join(cache_dir(), 'kernel-choices.json')).get(step_key(linears))
+    known = _known_choices(os.path.join(cache_dir(), 'kernel-choices.json')).get(step_key(linears, blocks))
     if isinstance(known, list) and known and (known[0] is None or _can_run(known[0], dtype, False)):
         return known[:1]
     fastest = kernel_choice(dtype, 1)[0]
@@ -1124,12 +1126,12 @@ def compile_decode(model, probe=True):
     weights once, int8 scales and biases in the same pass, or a call of KERNELS_CPP's kernel, a custom op inside
     the graph: int8_linear on packed int8 weights; float_linear on float32 and float16 ones where it ranks first
     for one row (kernel_choice) and its step decodes faster than the multiply-and-sum's (both are compiled and
-    timed once per machine and model shape, ~1-3 s: step_kernels). A model whose blocks all keep a key/value
+    timed once per machine and model shape, ~2-4 s: step_kernels). A model whose blocks all keep a key/value
     cache (softmax attention: GPT-2) is compiled ahead of time (aot_step): the step is then a C++ function,
     with no Python, guards or wrapper per call; the linear-attention family, whose state is replaced each step,
     goes through torch.compile. Prefill, batches and gradients keep the model's own forward (one graph serves every
     position: no recompiling per prompt). It compiles before returning (GPT-2 124M on a 2-core CPU: ~30 s the
-    first time, twice that where a float step is compiled both ways; 4-8 s once the compiled step is cached).
+    first time, twice that where a float step is compiled both ways; 4-9 s once the compiled step is cached).
     Returns False, with a one-line note on stderr, if compiling is not possible here, or (probe) if the
     compiled step decodes slower than the eager one on this CPU, timed alternately for a moment
     (decode_seconds): kernels that win on one ISA lose on another (README "Speed"), so the choice is measured
@@ -1152,15 +1154,21 @@ def compile_decode(model, probe=True):
         for m in linears:
             m.step_kernel = kernel
         step = steps.get(kernel)
+    tried = step_kernels(linears, blocks)
     try:  # compile now (torch.compile would on the first call), so that a missing compiler shows here
-        for kernel in step_kernels(linears):
+        for kernel in tried:
             use(kernel)
-            if blocks and all(hasattr(block.attn, 'cache') for block in blocks):
-                step = steps[kernel] = aot_step(model, eager, blocks)
-            else:
-                step = steps[kernel] = dynamo_step(eager)
-            model.forward = forward
-            model.generate(torch.zeros(1, 1, dtype=torch.long), 3, temperature=0)  # (greedy: no random numbers drawn)
+            try:
+                if blocks and all(hasattr(block.attn, 'cache') for block in blocks):
+                    step = steps[kernel] = aot_step(model, eager, blocks)
+                else:
+                    step = steps[kernel] = dynamo_step(eager)
+                model.forward = forward
+                model.generate(torch.zeros(1, 1, dtype=torch.long), 3, temperature=0)  # (greedy: no random numbers)
+            except Exception as e:  # (our kernel failing inside a step where inductor's loop compiled: keep that)
+                steps.pop(kernel, None)
+                if not steps or isinstance(e, ValueError):
+                    raise
     except ValueError:  # (the model's own one-line error: its logits are NaN)
         vars(model).pop('forward', None)
         raise
@@ -1169,19 +1177,22 @@ def compile_decode(model, probe=True):
         print(f"compile_decode: compiling is not available here ({type(e).__name__}); decoding runs uncompiled",
               file=sys.stderr)
         return False
+    ranking = list(steps)
     if len(steps) > 1:  # time them alternately (a change of load falls on each), keep the fastest
         times = {kernel: [] for kernel in steps}
-        for _ in range(3):  # (16 tokens: one-token prompts and new caches dilute fewer; ~1-3 s, once per machine)
+        for _ in range(3):  # (16 tokens: one-token prompts and new caches dilute fewer; ~2-4 s, once per machine)
             for kernel in steps:
                 use(kernel)
                 times[kernel].append(decode_seconds(model, 16))
         ranking = sorted(steps, key=lambda kernel: min(times[kernel]))
-        use(ranking[0])
         print(f"compile_decode: timed the compiled step's one-row matmuls on this CPU "
               f"({torch.backends.cpu.get_cpu_capability()}): " + ", ".join(
                   f"{kernel or 'one_row_matmul'} {min(times[kernel]) * 1e3:.0f} ms" for kernel in ranking) +
               f" for 16 tokens; using {ranking[0] or 'one_row_matmul'}", file=sys.stderr)
-        _keep_choice(os.path.join(cache_dir(), 'kernel-choices.json'), step_key(linears), ranking)
+    use(ranking[0])
+    if len(tried) > 1:  # (kept, failed kernels last: later models of this shape compile only the first)
+        _keep_choice(os.path.join(cache_dir(), 'kernel-choices.json'), step_key(linears, blocks),
+                     ranking + [kernel for kernel in tried if kernel not in steps])
     return probe_compiled(model) if probe else True
 
 

@@ -126,27 +126,46 @@ def test_compile_decode_generates_the_same_tokens(hf_tiny, monkeypatch):
 
 
 @pytest.mark.parametrize('attention,fastest_alone,fastest_in_step', [
-    ('softmax', 'ours', 'ours'), ('softmax', 'ours', None), ('softmax', 'F.linear', None), ('linear', 'ours', 'ours')])
+    ('softmax', 'ours', 'ours'), ('softmax', 'ours', None), ('softmax', 'F.linear', None), ('softmax', 'ours', 'fails'),
+    ('linear', 'ours', 'ours'), ('linear', 'ours', None)])
 def test_compile_decode_times_its_one_row_matmuls_inside_the_step(monkeypatch, capsys, tmp_path, attention,
                                                                   fastest_alone, fastest_in_step):
     """Where float_linear is this machine's fastest kernel for one float16 row alone (kernel_choice), compile_decode
     compiles the step twice, with it (a custom op inside the graph) and with inductor's multiply-and-sum
-    (one_row_matmul), times both (here: an injected timing) and keeps the faster, saying so in one line: what wins
-    alone can lose inside a step (README "Speed"). The ranking is kept, so the next model of that shape compiles
-    only the winner. Where F.linear wins alone, only the multiply-and-sum is compiled. Steps equal eager's logits."""
+    (one_row_matmul), times both (here: an injected timing) and decodes with the faster, saying so in one line:
+    what wins alone can lose inside a step (README "Speed"). The ranking is kept, so the next model of that shape
+    compiles only the winner. Where F.linear wins alone, only the multiply-and-sum is compiled; where ours fails
+    to compile inside the step, the multiply-and-sum's step is kept. Steps equal eager's logits."""
     if fast_cpu.kernels() is None:
         pytest.skip("no C++ compiler for KERNELS_CPP here")
+    winner = None if fastest_in_step == 'fails' else fastest_in_step
     choice = fast_cpu.kernel_choice
     monkeypatch.setattr(fast_cpu, 'kernel_choice', lambda dtype, rows: (fastest_alone, 'F.linear') if (
         dtype, rows) == ('float16', 1) else choice(dtype, rows))
     monkeypatch.setattr(fast_cpu, 'cache_dir', lambda: str(tmp_path))  # (no ranking kept from another test)
     kernels_in_step = lambda m: {x.step_kernel for x in m.modules() if isinstance(x, CPULinear)}
-    monkeypatch.setattr(fast_cpu, 'decode_seconds', lambda m, tokens=6: 0.01 if kernels_in_step(m) == {fastest_in_step} else 0.03)
+    monkeypatch.setattr(fast_cpu, 'decode_seconds', lambda m, tokens=6: 0.01 if kernels_in_step(m) == {winner} else 0.03)
     traced = set()  # what the compiled steps' graphs hold: float_linear (ours), or one_row_matmul's multiply-and-sum
     ours, one_row_matmul = CPULinear.KERNELS['ours'], fast_cpu.one_row_matmul
-    monkeypatch.setattr(CPULinear, 'KERNELS', {**CPULinear.KERNELS, 'ours': lambda *a: (
-        torch.compiler.is_compiling() and traced.add('ours')) or ours(*a)})
+
+    def traced_ours(*a):
+        if torch.compiler.is_compiling():
+            traced.add('ours')
+            if fastest_in_step == 'fails':
+                raise RuntimeError('no such op in this graph')
+        return ours(*a)
+    monkeypatch.setattr(CPULinear, 'KERNELS', {**CPULinear.KERNELS, 'ours': traced_ours})
     monkeypatch.setattr(fast_cpu, 'one_row_matmul', lambda *a: traced.add(None) or one_row_matmul(*a))
+    ran = []  # the kernel each compiled step that ran was compiled with (each maker tags the step it returns)
+    compiling = {}
+
+    def tagged(make):
+        def made(*a):
+            kernel, step = kernels_in_step(compiling['model']), make(*a)
+            return lambda *b: ran.append(kernel) or step(*b)
+        return made
+    monkeypatch.setattr(fast_cpu, 'aot_step', tagged(fast_cpu.aot_step))
+    monkeypatch.setattr(fast_cpu, 'dynamo_step', tagged(fast_cpu.dynamo_step))
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=97, n_embd=32, n_head=2, n_layer=2, block_size=24, attention=attention)
     idx = torch.randint(0, 97, (1, 5))
@@ -159,25 +178,24 @@ def test_compile_decode_times_its_one_row_matmuls_inside_the_step(monkeypatch, c
             model.setup_cache(None, None)
         return logits
 
-    def model_and_reference():
+    def compiled_model():
         torch.manual_seed(0)
-        model = fast_cpu.cast(GPT(config).eval(), 'float16', 'cpu')
-        return model, step_logits(model)
-    model, ref = model_and_reference()
-    assert fast_cpu.compile_decode(model, probe=False), "compiling failed: is a C++ compiler installed?"
-    assert kernels_in_step(model) == {fastest_in_step}
-    assert rel_err(step_logits(model), ref) < 1e-2
-    err = capsys.readouterr().err
+        compiling['model'] = model = fast_cpu.cast(GPT(config).eval(), 'float16', 'cpu')
+        ref = step_logits(model)
+        assert fast_cpu.compile_decode(model, probe=False), "compiling failed: is a C++ compiler installed?"
+        ran.clear()
+        assert kernels_in_step(model) == {winner} and rel_err(step_logits(model), ref) < 1e-2
+        assert ran == [{winner}]  # (the winner's step decodes, not merely its flag set)
+        return capsys.readouterr().err
+    err = compiled_model()
     if fastest_alone == 'ours':
-        assert traced == {'ours', None} and f"using {fastest_in_step or 'one_row_matmul'}" in err
+        assert traced == {'ours', None}
+        assert ('using ' + str(winner or 'one_row_matmul') in err) == (fastest_in_step != 'fails')
     else:
         assert traced == {None} and 'timed the compiled step' not in err
     traced.clear()
-    again, ref = model_and_reference()
-    assert fast_cpu.compile_decode(again, probe=False) and kernels_in_step(again) == {fastest_in_step}
-    assert traced == {fastest_in_step}
-    assert 'timed the compiled step' not in capsys.readouterr().err
-    assert rel_err(step_logits(again), ref) < 1e-2
+    assert 'timed the compiled step' not in compiled_model()
+    assert traced == {winner}
 
 
 @pytest.mark.parametrize('attention,pos_emb', [('softmax', 'rope'), ('linear', 'none'), ('gla', 'rope')])
