@@ -662,13 +662,10 @@ def kernel_choice(dtype, rows):
     if rows not in (1, 16, 128):
         raise ValueError(f"kernel_choice: rows is {rows!r}; it is one of 1, 16, 128 (probe_rows)")
     many = rows > 16
-    # (the kernels' source in the key too: a ranking of an earlier version of our kernels says nothing of these)
-    ours = hashlib.sha256(KERNELS_CPP.encode()).hexdigest()[:8]
-    key = f"{machine()} | kernels {ours} | {dtype} | {'many rows' if many else 'one row' if rows == 1 else '16 rows'}"
-    path = os.path.join(cache_dir(), 'kernel-choices.json')
-    known = _known_choices(path)
-    if isinstance(known.get(key), list):  # (filtered: a kernel that existed then may not now)
-        return tuple(name for name in known[key] if _can_run(name, dtype, many))
+    key = choice_key(dtype, 'many rows' if many else 'one row' if rows == 1 else '16 rows')
+    known = _known_choice(key)
+    if isinstance(known, list):  # (filtered: a kernel that existed then may not now)
+        return tuple(name for name in known if _can_run(name, dtype, many))
     kernels_of = Int8Linear.KERNELS if dtype == 'int8' else CPULinear.KERNELS
     candidates = [name for name in kernels_of if _can_run(name, dtype, many)]
     layers = {name: _probe_layers(dtype, name, 0 if many else 48) for name in candidates}
@@ -690,7 +687,7 @@ def kernel_choice(dtype, rows):
     print(f"fast_cpu: timed the {dtype} matmul kernels for {'one row' if rows == 1 else f'{rows} rows'} on this CPU "
           f"({torch.backends.cpu.get_cpu_capability()}): " +
           ", ".join(f"{n} {min(times[n]) * 1e3:.2f} ms" for n in ranking) + f"; using {ranking[0]}", file=sys.stderr)
-    _keep_choice(path, key, ranking)
+    _keep_choice(key, ranking)
     return tuple(ranking)
 
 
@@ -713,11 +710,10 @@ def attention_choice():
     ('SDPA',) where KERNELS_CPP could not be compiled. A few ms, once per machine and version of the kernels."""
     if kernels() is None:
         return ('SDPA',)
-    key = f"{machine()} | kernels {hashlib.sha256(KERNELS_CPP.encode()).hexdigest()[:8]} | attention, one query"
-    path = os.path.join(cache_dir(), 'kernel-choices.json')
-    known = _known_choices(path)
-    if known.get(key) in (['ours', 'SDPA'], ['SDPA', 'ours']):
-        return tuple(known[key])
+    key = choice_key('attention, one query')
+    known = _known_choice(key)
+    if known in (['ours', 'SDPA'], ['SDPA', 'ours']):
+        return tuple(known)
     caches = torch.linspace(-1, 1, 24 * 12 * 256 * 64).view(24, 1, 12, 256, 64).unbind()
     q = torch.linspace(-1, 1, 12 * 64).view(1, 12, 1, 64)
     candidates = {'ours': lambda k, v: torch.ops.gptlab.one_query_attention(q, k, v, 1),
@@ -733,26 +729,38 @@ def attention_choice():
     ranking = sorted(candidates, key=lambda name: min(times[name]))
     print(f"fast_cpu: timed one-query attention on this CPU ({torch.backends.cpu.get_cpu_capability()}): " +
           ", ".join(f"{n} {min(times[n]) * 1e3:.2f} ms" for n in ranking) + f"; using {ranking[0]}", file=sys.stderr)
-    _keep_choice(path, key, ranking)
+    _keep_choice(key, ranking)
     return tuple(ranking)
 
 
-def _known_choices(path):
-    """The rankings kept in path ({key: [names, fastest first]}), or {} where there is no readable file."""
+def choice_key(*parts):
+    """A ranking's key in cache_dir()/kernel-choices.json: the machine (machine()), the version of KERNELS_CPP
+    (a ranking of an earlier version of our kernels says nothing of these) and what was ranked."""
+    return ' | '.join([machine(), f"kernels {hashlib.sha256(KERNELS_CPP.encode()).hexdigest()[:8]}", *parts])
+
+
+def _all_choices():
+    """The rankings kept in cache_dir()/kernel-choices.json ({key: [names, fastest first]}), or {} where there is
+    no readable file."""
     try:
-        with open(path) as f:
+        with open(os.path.join(cache_dir(), 'kernel-choices.json')) as f:
             known = json.load(f)
         return known if isinstance(known, dict) else {}
     except (OSError, ValueError):
         return {}
 
 
-def _keep_choice(path, key, ranking):
-    """Add one ranking to path, whole or not at all (output_file)."""
+def _known_choice(key):
+    """The ranking kept under key, or None."""
+    return _all_choices().get(key)
+
+
+def _keep_choice(key, ranking):
+    """Add one ranking to cache_dir()/kernel-choices.json, whole or not at all (output_file)."""
     try:
         os.makedirs(cache_dir(), exist_ok=True)
-        with output_file(path) as tmp, open(tmp, 'w') as f:
-            json.dump({**_known_choices(path), key: ranking}, f, indent=1)
+        with output_file(os.path.join(cache_dir(), 'kernel-choices.json')) as tmp, open(tmp, 'w') as f:
+            json.dump({**_all_choices(), key: ranking}, f, indent=1)
     except (OSError, ValueError):  # (unwritable, or a link: measured again next time)
         pass
 
@@ -1089,19 +1097,18 @@ def dynamo_step(eager):
     return lambda idx, start_pos: step(idx, start_pos=start_pos)
 
 
-def step_key(linears, blocks):
-    """kernel-choices.json's key for the one-row matmuls of a compiled step over these CPULinears: the machine,
-    the kernels' version, inductor's settings, the weights' dtype, the matmuls' shapes (a small model's timing
-    says little of GPT-2's) and how the step is compiled (AOTInductor for blocks with key/value caches)."""
+def step_key(linears, ahead_of_time):
+    """The ranking's key (choice_key) for the one-row matmuls of a compiled step over these CPULinears: inductor's
+    settings, the weights' dtype, how the step is compiled (AOTInductor or torch.compile) and the matmuls'
+    shapes (a small model's timing says little of GPT-2's)."""
     shapes = sorted({f'{m.out_features}x{m.in_features}' for m in linears})
-    inductor = ''.join(f' {k}={v}' for k, v in sorted(os.environ.items()) if k.startswith('TORCHINDUCTOR'))
-    how = 'AOTInductor' if blocks and all(hasattr(block.attn, 'cache') for block in blocks) else 'torch.compile'
-    return (f"{machine()} | kernels {hashlib.sha256(KERNELS_CPP.encode()).hexdigest()[:8]}{inductor} | "
-            f"{str(linears[0].weight.dtype).removeprefix('torch.')} | compiled step ({how}), {len(linears)} matmuls "
-            f"{' '.join(shapes)}")
+    inductor = [f'{k}={v}' for k, v in sorted(os.environ.items()) if k.startswith('TORCHINDUCTOR')]
+    return choice_key(*inductor, str(linears[0].weight.dtype).removeprefix('torch.'),
+                      f"compiled step ({'AOTInductor' if ahead_of_time else 'torch.compile'}), {len(linears)} "
+                      f"matmuls {' '.join(shapes)}")
 
 
-def step_kernels(linears, blocks):
+def step_kernels(linears, ahead_of_time):
     """The one-row matmuls compile_decode's step may run for float weights (CPULinear.step_kernel), to be
     compiled and timed: None (one_row_matmul, inductor's multiply-and-sum) and, where one of ours leads
     kernel_choice's one-row ranking, that one too (float_linear, a custom op inside the graph). What wins alone
@@ -1112,7 +1119,7 @@ def step_kernels(linears, blocks):
     dtype = str(linears[0].weight.dtype).removeprefix('torch.') if linears else None
     if dtype not in ('float32', 'float16'):
         return [None]
-    known = _known_choices(os.path.join(cache_dir(), 'kernel-choices.json')).get(step_key(linears, blocks))
+    known = _known_choice(step_key(linears, ahead_of_time))
     if isinstance(known, list) and known and (known[0] is None or _can_run(known[0], dtype, False)):
         return known[:1]
     fastest = kernel_choice(dtype, 1)[0]
@@ -1154,15 +1161,13 @@ def compile_decode(model, probe=True):
         for m in linears:
             m.step_kernel = kernel
         step = steps.get(kernel)
-    tried = step_kernels(linears, blocks)
+    ahead_of_time = blocks and all(hasattr(block.attn, 'cache') for block in blocks)
+    tried = step_kernels(linears, ahead_of_time)
     try:  # compile now (torch.compile would on the first call), so that a missing compiler shows here
         for kernel in tried:
             use(kernel)
             try:
-                if blocks and all(hasattr(block.attn, 'cache') for block in blocks):
-                    step = steps[kernel] = aot_step(model, eager, blocks)
-                else:
-                    step = steps[kernel] = dynamo_step(eager)
+                step = steps[kernel] = aot_step(model, eager, blocks) if ahead_of_time else dynamo_step(eager)
                 model.forward = forward
                 model.generate(torch.zeros(1, 1, dtype=torch.long), 3, temperature=0)  # (greedy: no random numbers)
             except Exception as e:  # (our kernel failing inside a step where inductor's loop compiled: keep that)
@@ -1191,8 +1196,7 @@ def compile_decode(model, probe=True):
               f" for 16 tokens; using {ranking[0] or 'one_row_matmul'}", file=sys.stderr)
     use(ranking[0])
     if len(tried) > 1:  # (kept, failed kernels last: later models of this shape compile only the first)
-        _keep_choice(os.path.join(cache_dir(), 'kernel-choices.json'), step_key(linears, blocks),
-                     ranking + [kernel for kernel in tried if kernel not in steps])
+        _keep_choice(step_key(linears, ahead_of_time), ranking + [kernel for kernel in tried if kernel not in steps])
     return probe_compiled(model) if probe else True
 
 
